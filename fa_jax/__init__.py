@@ -1,0 +1,55 @@
+"""fa_jax: foundation adapters for LLMs in JAX.
+
+    config, params = fa_jax.load_model(path)                 # HF directory or .gguf file
+    logits = fa_jax.forward(config, params, tokens, adapters=None)
+    lora = fa_jax.init_lora(config, rng, rank=8, alpha=16)
+    fa_jax.save_peft(config, lora, out_dir); lora = fa_jax.load_peft(config, in_dir)
+    fa_jax.save_hf(config, params, out_dir)
+"""
+from __future__ import annotations
+
+import os
+
+from fa_jax.config import ModelConfig, load_config
+from fa_jax.errors import FaJaxError
+from fa_jax.io.hf import save_hf
+from fa_jax.io.peft import load_peft, save_peft
+from fa_jax.lora import init_lora, merge_into as merge_lora
+from fa_jax.models.transformer import abstract_params, forward, hidden_states, init_params, lm_logits
+
+__version__ = "0.1.0"
+
+
+def load_model(path: str, dtype="float32", sharding=None):
+    """(config, params) from a Hugging Face directory (config.json + safetensors, single or sharded) or a .gguf file.
+
+    Tensors are read one at a time from memory maps, so host memory peaks near one copy of the model.
+    `sharding`: None (default device), one `jax.sharding.Sharding` for every tensor, a dict {param path: Sharding},
+    or a function (param path, shape) -> Sharding; each device then receives only its own slice.
+    """
+    if not os.path.exists(path):
+        raise FaJaxError(f"{path}: no such file or directory")
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        from fa_jax.io.gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype, sharding=sharding)
+    if os.path.isfile(path):
+        raise FaJaxError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    from fa_jax.io.hf import load_hf
+
+    return load_hf(path, dtype=dtype, sharding=sharding)
+
+
+def load_tokenizer(path: str):
+    """The transformers tokenizer of a Hugging Face directory or a .gguf file."""
+    from transformers import AutoTokenizer
+
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                             gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(path)
+
+
+__all__ = ["ModelConfig", "FaJaxError", "load_model", "load_config", "load_tokenizer", "forward", "hidden_states",
+           "lm_logits", "init_params", "abstract_params", "init_lora", "merge_lora", "save_peft", "load_peft",
+           "save_hf"]

@@ -1,0 +1,1 @@
+"""Readers and writers: Hugging Face directories, GGUF files, PEFT adapters, safetensors."""

@@ -1,0 +1,159 @@
+"""PEFT LoRA directories in and out: adapter_config.json + adapter_model.safetensors.
+
+PEFT stores, per module, `base_model.model.<module>.lora_A.weight` [R, I] and `...lora_B.weight` [O, R] (torch
+layout); fa_jax keeps A [I, R] and B [R, O]. Per-module ranks and alphas travel in `rank_pattern` / `alpha_pattern`.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fa_jax import lora as lora_lib
+from fa_jax.errors import FaJaxError
+from fa_jax.io.atomic import atomic_dir
+from fa_jax.io.safetensors import SafetensorsFile, write
+from fa_jax.models.transformer import linear_modules
+from fa_jax.tree import unflatten
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _alpha_of(scale: float, rank: int, use_rslora: bool) -> float:
+    alpha = scale * (math.sqrt(rank) if use_rslora else rank)
+    return float(round(alpha)) if abs(alpha - round(alpha)) < 1e-4 else alpha
+
+
+def save_peft(config, adapters, out_dir: str, *, use_rslora: bool = False, base_model_name_or_path: str | None = None,
+              dtype=None, overwrite: bool = False) -> str:
+    """Write a LoRA tree as a PEFT directory that `PeftModel.from_pretrained` loads on the transformers model.
+
+    `use_rslora` only chooses how alpha is written (alpha = scale * sqrt(r) instead of scale * r); the math is
+    the same either way. Ranks or alphas that differ between modules go to rank_pattern / alpha_pattern.
+    """
+    modules = list(lora_lib.iter_modules(adapters))
+    if not modules:
+        raise FaJaxError("save_peft: the adapter tree holds no LoRA module (expected lora_A/lora_B/scale leaves)")
+    known = dict(linear_modules(config))
+    ranks, alphas = {}, {}
+    for path, ad in modules:
+        if path not in known:
+            raise FaJaxError(f"save_peft: adapter module {path!r} is not a linear layer of this model")
+        d_in, d_out = known[path]
+        A, B = ad["lora_A"], ad["lora_B"]
+        if A.shape[0] != d_in or B.shape[1] != d_out or A.shape[1] != B.shape[0]:
+            raise FaJaxError(f"save_peft: {path} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, "
+                             f"expected [{d_in}, r] and [r, {d_out}]")
+        ranks[path] = int(A.shape[1])
+        alphas[path] = _alpha_of(float(ad["scale"]), ranks[path], use_rslora)
+    r = _most_common(ranks.values())
+    alpha = _most_common(alphas.values())
+    names = sorted({p.rsplit(".", 1)[-1] for p in ranks})
+    every_layer = {m for m in known if m.rsplit(".", 1)[-1] in names}
+    target_modules = names if every_layer == set(ranks) else sorted(ranks)
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "target_modules": target_modules,
+        "rank_pattern": {p: k for p, k in ranks.items() if k != r},
+        "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
+        "use_rslora": use_rslora, "use_dora": False, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "inference_mode": True, "base_model_name_or_path": base_model_name_or_path, "revision": None,
+    }
+    out_dt = lambda a: np.dtype(jnp.dtype(dtype or a.dtype))
+    entries = []
+    for path, ad in modules:
+        A, B = ad["lora_A"], ad["lora_B"]
+        entries.append((f"{PREFIX}{path}.lora_A.weight", (A.shape[1], A.shape[0]), out_dt(A),
+                        lambda A=A: np.asarray(jax.device_get(A)).T))
+        entries.append((f"{PREFIX}{path}.lora_B.weight", (B.shape[1], B.shape[0]), out_dt(B),
+                        lambda B=B: np.asarray(jax.device_get(B)).T))
+    with atomic_dir(out_dir, overwrite) as tmp:
+        write(os.path.join(tmp, WEIGHTS), entries, metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+    return out_dir
+
+
+def _pattern_value(pattern: dict, path: str, default):
+    """PEFT's rule: the first pattern key k with re.match(rf"(.*\\.)?({k})$", module path) wins."""
+    for k, v in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({k})$", path):
+            return v
+    return default
+
+
+def read_adapter_config(in_dir: str) -> dict:
+    f = os.path.join(in_dir, CONFIG)
+    if not os.path.isdir(in_dir):
+        raise FaJaxError(f"{in_dir}: no such adapter directory")
+    if not os.path.exists(f):
+        raise FaJaxError(f"{in_dir}: no {CONFIG} (expected a PEFT adapter directory)")
+    try:
+        with open(f) as fh:
+            cfg = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise FaJaxError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return cfg
+
+
+def load_peft(config, in_dir: str, dtype=jnp.float32):
+    """A LoRA tree from a PEFT directory (any PEFT LoRA adapter for a supported architecture)."""
+    cfg = read_adapter_config(in_dir)
+    f = os.path.join(in_dir, CONFIG)
+    if cfg.get("peft_type") != "LORA":
+        raise FaJaxError(f"{f}: peft_type {cfg.get('peft_type')!r} is not supported here (expected 'LORA')")
+    for key, ok, why in (("use_dora", False, "DoRA adapters"), ("fan_in_fan_out", False, "fan_in_fan_out layouts"),
+                         ("bias", "none", "trained biases")):
+        if cfg.get(key, ok) not in (ok, None):
+            raise FaJaxError(f"{f}: {key}={cfg[key]!r}: {why} are not supported by load_peft")
+    if cfg.get("modules_to_save"):
+        raise FaJaxError(f"{f}: modules_to_save={cfg['modules_to_save']!r}: fully trained modules are not supported")
+    wf = os.path.join(in_dir, WEIGHTS)
+    if not os.path.exists(wf):
+        other = [n for n in os.listdir(in_dir) if n.startswith("adapter_model")]
+        raise FaJaxError(f"{in_dir}: no {WEIGHTS}" + (f" (found {other[0]}: re-save it with safe_serialization)"
+                                                      if other else ""))
+    st = SafetensorsFile(wf)
+    known = dict(linear_modules(config))
+    pairs: dict[str, dict[str, str]] = {}
+    for name in st.keys():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight", name)
+        if not m:
+            raise FaJaxError(f"{wf}: tensor {name!r} is not a LoRA A/B weight of a linear layer")
+        path, which = m.groups()
+        if path not in known:
+            raise FaJaxError(f"{wf}: tensor {name!r} adapts module {path!r}, which this {config.model_type} model "
+                             f"does not have")
+        pairs.setdefault(path, {})[which] = name
+    use_rslora = bool(cfg.get("use_rslora", False))
+    flat = {}
+    order = {p: i for i, (p, _) in enumerate(linear_modules(config))}
+    for path in sorted(pairs, key=order.get):
+        if set(pairs[path]) != {"lora_A", "lora_B"}:
+            raise FaJaxError(f"{wf}: module {path!r} has only {sorted(pairs[path])}, expected lora_A and lora_B")
+        A, B = st.get(pairs[path]["lora_A"]), st.get(pairs[path]["lora_B"])
+        d_in, d_out = known[path]
+        r = A.shape[0]
+        if A.shape != (r, d_in) or B.shape != (d_out, r):
+            raise FaJaxError(f"{wf}: module {path!r} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, "
+                             f"expected [r, {d_in}] and [{d_out}, r]")
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)))
+        flat[path] = {"lora_A": jnp.asarray(np.asarray(A, np.float32).T, dtype),
+                      "lora_B": jnp.asarray(np.asarray(B, np.float32).T, dtype),
+                      "scale": jnp.asarray(alpha / (math.sqrt(r) if use_rslora else r), jnp.float32)}
+    if not flat:
+        raise FaJaxError(f"{wf}: holds no LoRA weights")
+    return unflatten(flat)

@@ -1,0 +1,145 @@
+"""LoRA as a separate pytree that mirrors the base parameter paths.
+
+For a linear module at `model.layers.3.self_attn.q_proj` the adapter tree holds, at the same path,
+`{"lora_A": [I, R], "lora_B": [R, O], "scale": []}` with `scale = alpha / R` (or `alpha / sqrt(R)` for rsLoRA).
+The module computes `x @ W + scale * (x @ A) @ B`, which equals `x @ materialize(W, adapter)`.
+`scale` is a constant of the adapter: it gets no gradient (stop_gradient here) and trainers keep it out of the
+optimizer with `trainable_mask`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fa_jax.errors import FaJaxError
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def apply(x, y, adapter, dropout=None):
+    """y + scale * (dropout(x) @ A) @ B, for x [..., I] and y [..., O]."""
+    xa = x if dropout is None else dropout(x)
+    h = jnp.einsum("...i,ir->...r", xa, adapter["lora_A"].astype(x.dtype))
+    h = jnp.einsum("...r,ro->...o", h, adapter["lora_B"].astype(x.dtype))
+    return y + h * jax.lax.stop_gradient(adapter["scale"]).astype(x.dtype)
+
+
+def materialize(kernel, adapter):
+    """W + scale * A @ B, in W's dtype (the product is formed in float32)."""
+    delta = adapter["scale"].astype(jnp.float32) * (adapter["lora_A"].astype(jnp.float32)
+                                                    @ adapter["lora_B"].astype(jnp.float32))
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def resolve_targets(config, targets) -> list[str]:
+    """Module paths (e.g. `model.layers.0.self_attn.q_proj`) selected by `targets`.
+
+    `targets` is "all-linear" (every projection of every layer; the LM head is excluded, as in PEFT), or a list
+    of module names (`q_proj`) or full module paths. A name that matches nothing is an error listing the choices.
+    """
+    from fa_jax.models.transformer import linear_modules
+
+    modules = list(linear_modules(config))
+    if targets == "all-linear":
+        return [m for m in modules if m.rsplit(".", 1)[-1] in ALL_LINEAR]
+    if isinstance(targets, str):
+        targets = [targets]
+    chosen = []
+    for t in targets:
+        hits = [m for m in modules if m == t or m.rsplit(".", 1)[-1] == t]
+        if not hits:
+            names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+            raise FaJaxError(f"LoRA target {t!r} matches no module of this {config.model_type} model "
+                             f"(module names: {', '.join(names)}, or 'all-linear')")
+        chosen += [h for h in hits if h not in chosen]
+    return [m for m in modules if m in chosen]
+
+
+def _set(tree: dict, path: str, value) -> None:
+    keys = path.split(".")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def init_lora(config, rng, rank: int = 8, alpha: float = 16.0, targets="all-linear", use_rslora: bool = False,
+              dtype=jnp.float32, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
+              init: str = "kaiming"):
+    """A fresh LoRA tree: B = 0 (so the model starts exactly as the base), A random.
+
+    `init="kaiming"` draws A uniformly in +-1/sqrt(I) (PEFT's default); `init="gaussian"` draws N(0, 1/R^2).
+    `rank_pattern` / `alpha_pattern` map module names or paths to per-module rank / alpha.
+    """
+    if int(rank) < 1:
+        raise FaJaxError(f"LoRA rank must be >= 1, got {rank}")
+    from fa_jax.models.transformer import linear_modules
+
+    shapes = dict(linear_modules(config))
+    paths = resolve_targets(config, targets)
+    tree: dict = {}
+    keys = jax.random.split(rng, len(paths))
+    for key, path in zip(keys, paths):
+        r = int(_lookup(rank_pattern, path, rank))
+        a = float(_lookup(alpha_pattern, path, alpha))
+        d_in, d_out = shapes[path]
+        if init == "kaiming":
+            A = jax.random.uniform(key, (d_in, r), dtype, -1.0, 1.0) / math.sqrt(d_in)
+        elif init == "gaussian":
+            A = jax.random.normal(key, (d_in, r), dtype) / r
+        else:
+            raise FaJaxError(f"unknown LoRA init {init!r} (expected 'kaiming' or 'gaussian')")
+        _set(tree, path, {"lora_A": A.astype(dtype), "lora_B": jnp.zeros((r, d_out), dtype),
+                          "scale": jnp.asarray(a / (math.sqrt(r) if use_rslora else r), jnp.float32)})
+    return tree
+
+
+def _lookup(pattern: dict | None, path: str, default):
+    """Per-module override: an exact path wins over a module name (`q_proj`) or a path suffix."""
+    if not pattern:
+        return default
+    if path in pattern:
+        return pattern[path]
+    for k, v in pattern.items():
+        if path.endswith("." + k):
+            return v
+    return default
+
+
+def iter_modules(adapters, prefix: str = "") -> Iterable[tuple[str, dict]]:
+    """(module path, {"lora_A", "lora_B", "scale"}) for every LoRA module in the tree."""
+    if isinstance(adapters, dict) and "lora_A" in adapters:
+        yield prefix, adapters
+        return
+    if isinstance(adapters, dict):
+        for k, v in adapters.items():
+            yield from iter_modules(v, f"{prefix}.{k}" if prefix else k)
+
+
+def trainable_mask(adapters):
+    """Same structure as `adapters`, True for leaves an optimizer should update (everything but `scale`)."""
+    def mark(path, _):
+        return getattr(path[-1], "key", None) != "scale"
+    return jax.tree_util.tree_map_with_path(mark, adapters)
+
+
+def merge_into(params, adapters):
+    """Base params with every LoRA module folded in (`materialize`); returns a new tree."""
+    from fa_jax.tree import get_path, set_path
+
+    out = params
+    for path, ad in iter_modules(adapters):
+        kernel = get_path(params, path + ".kernel")
+        out = set_path(out, path + ".kernel", materialize(kernel, ad))
+    return out
+
+
+def num_params(adapters, trainable_only: bool = True) -> int:
+    mask = trainable_mask(adapters)
+    return sum(int(x.size) for x, m in zip(jax.tree.leaves(adapters), jax.tree.leaves(mask)) if m or not trainable_only)
+
+
+__all__: Sequence[str] = ("init_lora", "apply", "materialize", "merge_into", "resolve_targets", "iter_modules",
+                          "trainable_mask", "num_params", "ALL_LINEAR")

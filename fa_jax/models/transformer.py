@@ -1,0 +1,172 @@
+"""The decoder shared by every family: parameter layout, initialisation, and the pure forward pass.
+
+Parameter paths are the Hugging Face module names with the leaf renamed by kind: linear `kernel` [in, out]
+(the transpose of torch's weight) and `bias`, embedding `embedding` [V, D], norm `weight` [D].
+
+Axis legend: B batch, T time, D model, V vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fa_jax import config as config_lib
+from fa_jax.models import layers
+from fa_jax.tree import unflatten
+
+
+def param_specs(config) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Flat {path: (shape, logical axes)} of every base parameter, in checkpoint order."""
+    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    HK, GK = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    specs = {"model.embed_tokens.embedding": ((V, D), ("vocab", "embed"))}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        specs[f"{p}.input_layernorm.weight"] = ((D,), ("norm",))
+        for name, (d_out, axis) in {"q_proj": (HK, "heads"), "k_proj": (GK, "kv_heads"),
+                                    "v_proj": (GK, "kv_heads")}.items():
+            specs[f"{p}.self_attn.{name}.kernel"] = ((D, d_out), ("embed", axis))
+            if config.qkv_bias:
+                specs[f"{p}.self_attn.{name}.bias"] = ((d_out,), (axis,))
+        specs[f"{p}.self_attn.o_proj.kernel"] = ((HK, D), ("heads", "embed"))
+        if config.o_bias:
+            specs[f"{p}.self_attn.o_proj.bias"] = ((D,), ("norm",))
+        specs[f"{p}.post_attention_layernorm.weight"] = ((D,), ("norm",))
+        for name in ("gate_proj", "up_proj"):
+            specs[f"{p}.mlp.{name}.kernel"] = ((D, F), ("embed", "mlp"))
+            if config.mlp_bias:
+                specs[f"{p}.mlp.{name}.bias"] = ((F,), ("mlp",))
+        specs[f"{p}.mlp.down_proj.kernel"] = ((F, D), ("mlp", "embed"))
+        if config.mlp_bias:
+            specs[f"{p}.mlp.down_proj.bias"] = ((D,), ("norm",))
+    specs["model.norm.weight"] = ((D,), ("norm",))
+    if not config.tie_word_embeddings:
+        specs["lm_head.kernel"] = ((D, V), ("embed", "vocab"))
+    return specs
+
+
+def linear_modules(config) -> list[tuple[str, tuple[int, int]]]:
+    """(module path, (in, out)) of every linear layer an adapter can target (the LM head excluded)."""
+    return [(path[: -len(".kernel")], shape) for path, (shape, _) in param_specs(config).items()
+            if path.endswith(".kernel") and path != "lm_head.kernel"]
+
+
+def count_params(config) -> int:
+    return sum(math.prod(shape) for shape, _ in param_specs(config).values())
+
+
+def init_params(config, rng, dtype=jnp.float32):
+    """Random parameters (normal(0, 0.02) matrices, unit norms, zero biases), for tests and `jax.eval_shape`."""
+    specs = param_specs(config)
+    keys = jax.random.split(rng, len(specs))
+    flat = {}
+    for key, (path, (shape, _)) in zip(keys, specs.items()):
+        if path.endswith("norm.weight"):
+            flat[path] = jnp.full(shape, 0.0 if config.norm_offset else 1.0, dtype)
+        elif path.endswith(".bias"):
+            flat[path] = jnp.zeros(shape, dtype)
+        else:
+            flat[path] = (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return unflatten(flat)
+
+
+class _Dropout:
+    """Independent dropout masks for each adapter input, drawn from one key (a fresh fold per call)."""
+
+    def __init__(self, rate: float, rng):
+        self.rate, self.rng, self.calls = rate, rng, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        keep = jax.random.bernoulli(jax.random.fold_in(self.rng, self.calls), 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+def segment_positions(segment_ids):
+    """Position of each token inside its own segment: 0, 1, ... restarting where the segment id changes."""
+    T = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(T), segment_ids.shape)
+    changed = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                               segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(changed, idx, 0), axis=1)
+    return idx - start
+
+
+def _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout):
+    eps, off = config.rms_norm_eps, config.norm_offset
+    h = layers.rms_norm(x, lp["input_layernorm"]["weight"], eps, off)
+    x = x + layers.attention(config, lp["self_attn"], la.get("self_attn", {}), h, cos, sin,
+                             masks[config.window(i)], dropout)
+    h = layers.rms_norm(x, lp["post_attention_layernorm"]["weight"], eps, off)
+    return x + layers.mlp(config, lp["mlp"], la.get("mlp", {}), h, dropout)
+
+
+def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions=None, segment_ids=None,
+                  dtype=None, dropout_rate: float = 0.0, rng=None, remat: bool = False):
+    """Final-norm hidden states [B, T, D] in the compute dtype. See `forward` for the arguments."""
+    emb = params["model"]["embed_tokens"]["embedding"]
+    dtype = jnp.dtype(dtype or emb.dtype)
+    tokens = jnp.asarray(tokens)
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask).astype(jnp.int32)
+    if positions is None:
+        positions = segment_positions(segment_ids)
+    x = jnp.take(emb, tokens, axis=0).astype(dtype)
+    if config.embed_scale:
+        x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
+    cos, sin = layers.rope_tables(config_lib.rope_inv_freq(config), positions, dtype)
+    masks = {w: layers.attention_mask(segment_ids, window=w)
+             for w in sorted(set(config.window(i) for i in range(config.num_hidden_layers)))}
+    dropout = _Dropout(dropout_rate, rng) if dropout_rate and rng is not None else None
+    adapters = adapters or {}
+    layer_adapters = adapters.get("model", {}).get("layers", {})
+    for i in range(config.num_hidden_layers):
+        fn = lambda lp, la, x, i=i: _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout)
+        if remat:
+            fn = jax.checkpoint(fn)
+        x = fn(params["model"]["layers"][str(i)], layer_adapters.get(str(i), {}), x)
+    return layers.rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, config.norm_offset)
+
+
+def lm_head_kernel(config, params):
+    """The output projection as [D, V] (the embedding's transpose when tied)."""
+    if config.tie_word_embeddings:
+        return params["model"]["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def lm_logits(config, params, hidden):
+    """Float32 logits [..., V] from hidden states [..., D]."""
+    w = lm_head_kernel(config, params).astype(hidden.dtype)
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
+def forward(config, params, tokens, adapters=None, *, mask=None, positions=None, segment_ids=None, dtype=None,
+            dropout_rate: float = 0.0, rng=None, remat: bool = False):
+    """Logits float32 [B, T, V] for int tokens [B, T].
+
+    mask: [B, T], 1 for real tokens and 0 for padding (left or right). segment_ids: [B, T] for packed rows,
+    0 for padding and a distinct id per document; tokens attend only inside their own document. Without explicit
+    `positions` [B, T], positions count from 0 at the first real token of each row or document.
+    dtype: compute dtype (e.g. "bfloat16"); softmax, norms and logits stay float32.
+    dropout_rate / rng: adapter dropout for training. remat: recompute each layer in the backward pass.
+    """
+    h = hidden_states(config, params, tokens, adapters, mask=mask, positions=positions, segment_ids=segment_ids,
+                      dtype=dtype, dropout_rate=dropout_rate, rng=rng, remat=remat)
+    return lm_logits(config, params, h)
+
+
+def abstract_params(config, dtype=jnp.float32):
+    """The parameter tree as ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), dtype))
+
+
+def cast(params, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def to_numpy(params):
+    return jax.tree.map(np.asarray, params)
