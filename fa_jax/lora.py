@@ -42,7 +42,7 @@ def resolve_targets(config, targets) -> list[str]:
     """
     from fa_jax.models.transformer import linear_modules
 
-    modules = list(linear_modules(config))
+    modules = [m for m, _ in linear_modules(config)]
     if targets == "all-linear":
         return [m for m in modules if m.rsplit(".", 1)[-1] in ALL_LINEAR]
     if isinstance(targets, str):

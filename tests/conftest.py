@@ -1,0 +1,22 @@
+import os
+import sys
+
+# 8 simulated CPU devices for the sharding tests; must be set before JAX initialises.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+from helpers import FAMILIES, save_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """{family: (directory, torch model)} of tiny random checkpoints, made once per session."""
+    out = {}
+    for fam in FAMILIES:
+        d = tmp_path_factory.mktemp(f"hf_{fam}")
+        out[fam] = (str(d), save_hf_model(fam, d))
+    return out
