@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 def load_model(path: str, dtype="float32", sharding=None):
     """(config, params) from a Hugging Face directory (config.json + safetensors, single or sharded) or a .gguf file.
 
-    Tensors are read one at a time from memory maps, so host memory peaks near one copy of the model.
+    Tensors are read one at a time, so host memory peaks near one copy of the model.
     `sharding`: None (default device), one `jax.sharding.Sharding` for every tensor, a dict {param path: Sharding},
     or a function (param path, shape) -> Sharding; each device then receives only its own slice.
     """

@@ -1,5 +1,5 @@
 """Hugging Face checkpoint directories in and out: config.json + model.safetensors (or sharded with
-model.safetensors.index.json). Tensors are read one at a time from memory maps and written one at a time.
+model.safetensors.index.json). Tensors are read and written one at a time.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A small, streaming safetensors reader and writer.
 
-Reading memory-maps the file and validates the header against the file size first, so a truncated or corrupt
+Reading validates the header against the file size first, so a truncated or corrupt
 file is one clear error before anything is loaded. Writing streams tensor by tensor: the header is computed from
 shapes and dtypes, then each tensor is fetched, converted and written, so host memory holds one tensor at a time.
 """
@@ -26,7 +26,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class SafetensorsFile:
-    """Header-validated, memory-mapped view of one .safetensors file."""
+    """Header-validated view of one .safetensors file; tensors are read on demand."""
 
     def __init__(self, path: str):
         self.path = path
@@ -63,7 +63,6 @@ class SafetensorsFile:
                 raise FaJaxError(f"{path}: truncated file: tensor {name!r} needs bytes up to {end} of the data "
                                  f"section but the file holds only {data_len}")
             self.tensors[name] = (dtype, shape, begin, end)
-        self._mmap = None
 
     def keys(self):
         return self.tensors.keys()
@@ -75,11 +74,11 @@ class SafetensorsFile:
         return self.tensors[name][0]
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only array backed by the memory map (no copy until converted)."""
+        """The tensor, read into a fresh array (read, not memory-mapped: mapped pages of a large file would
+        stay resident beside the converted copies and double the host footprint of a load)."""
         dtype, shape, begin, end = self.tensors[name]
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mmap[self._start + begin: self._start + end].view(dtype).reshape(shape)
+        arr = np.fromfile(self.path, dtype=np.uint8, count=end - begin, offset=self._start + begin)
+        return arr.view(dtype).reshape(shape)
 
 
 def dtype_name(dtype) -> str:
