@@ -1,0 +1,75 @@
+"""The `fa-jax` command line (also `python -m fa_jax`).
+
+    fa-jax info PATH                      # architecture and parameter count of an HF directory or .gguf file
+    fa-jax convert PATH OUT_DIR           # HF directory or .gguf file -> HF directory (safetensors + tokenizer)
+
+User mistakes are reported as one line on stderr with exit status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from fa_jax.errors import FaJaxError
+
+
+def _info(args) -> None:
+    import fa_jax
+
+    if args.path.endswith(".gguf"):
+        config, _ = fa_jax.load_model(args.path)  # GGUF metadata needs the reader; small models load fast
+    else:
+        config = fa_jax.load_config(args.path)
+    print(f"{args.path}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_attention_heads} heads / {config.num_key_value_heads} kv heads, vocab {config.vocab_size}, "
+          f"rope {config.rope_type} (theta {config.rope_theta:g}), tied embeddings: {config.tie_word_embeddings}")
+    print(f"parameters: {config.num_params:,}")
+
+
+def _convert(args) -> None:
+    import fa_jax
+
+    t0 = time.time()
+    config, params = fa_jax.load_model(args.path, dtype=args.dtype)
+    tokenizer = None
+    if not args.no_tokenizer:
+        try:
+            tokenizer = fa_jax.load_tokenizer(args.path)
+        except Exception as e:  # a checkpoint without tokenizer files still converts
+            print(f"note: no tokenizer saved ({type(e).__name__}: {str(e).splitlines()[0][:120]})", file=sys.stderr)
+    fa_jax.save_hf(config, params, args.out, max_shard_size=args.max_shard_size, tokenizer=tokenizer,
+                   overwrite=args.overwrite)
+    print(f"wrote {os.path.abspath(args.out)} ({config.num_params:,} parameters, {time.time() - t0:.1f} s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fa-jax", description="Foundation adapters in JAX.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("info", help="print the architecture and parameter count of a checkpoint")
+    s.add_argument("path", help="Hugging Face model directory or .gguf file")
+    s.set_defaults(fn=_info)
+    s = sub.add_parser("convert", help="write a checkpoint (HF directory or .gguf) as a Hugging Face directory")
+    s.add_argument("path", help="Hugging Face model directory or .gguf file")
+    s.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    s.add_argument("--dtype", default="float32", help="storage dtype of the output (float32, bfloat16, float16)")
+    s.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size")
+    s.add_argument("--no-tokenizer", action="store_true", help="do not save the tokenizer")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.set_defaults(fn=_convert)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except FaJaxError as e:
+        print(f"fa-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
