@@ -84,9 +84,9 @@ class ModelConfig:
             hidden_act=self.hidden_act,
             tie_word_embeddings=self.tie_word_embeddings,
             max_position_embeddings=self.max_position_embeddings,
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
+            bos_token_id=list(self.bos_token_id) if isinstance(self.bos_token_id, tuple) else self.bos_token_id,
+            eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            pad_token_id=list(self.pad_token_id) if isinstance(self.pad_token_id, tuple) else self.pad_token_id,
         )
         d["architectures"] = [_ARCHITECTURES[self.model_type]]
         rope = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
@@ -125,32 +125,43 @@ _ARCHITECTURES = {
 def _rope_fields(d: dict, where: str) -> dict:
     """Rope settings from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4)."""
     rp = d.get("rope_parameters")
+    src = "rope_parameters"  # the field of the file the settings come from, for error messages
     if rp is None:
-        rp = dict(d.get("rope_scaling") or {})
+        src = "rope_scaling"
+        rp = d.get("rope_scaling") or {}
+        if not isinstance(rp, dict):
+            raise FaJaxError(f"{where}: rope_scaling must be a mapping or null, got {rp!r}")
+        rp = dict(rp)
         if "rope_theta" in d:
             rp.setdefault("rope_theta", d["rope_theta"])
     if not isinstance(rp, dict):
         raise FaJaxError(f"{where}: rope_parameters must be a mapping, got {rp!r}")
     if "rope_theta" not in rp and "rope_theta" not in d:
-        raise FaJaxError(f"{where}: no rope_theta in rope_parameters (or at the top level)")
-    rope_type = rp.get("rope_type", rp.get("type", "default"))
+        raise FaJaxError(f"{where}: no rope_theta in {src} (or at the top level)")
+    type_key = "rope_type" if "rope_type" in rp or "type" not in rp else "type"
+    rope_type = rp.get(type_key, "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise FaJaxError(f"{where}: rope_parameters.rope_type={rope_type!r} is not supported "
+        raise FaJaxError(f"{where}: {src}.{type_key}={rope_type!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if float(rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
         raise FaJaxError(f"{where}: partial_rotary_factor != 1 is not supported")
     out = dict(rope_theta=float(rp.get("rope_theta", d.get("rope_theta"))), rope_type=rope_type)
     if rope_type in ("linear", "llama3"):
         if "factor" not in rp:
-            raise FaJaxError(f"{where}: rope_type {rope_type!r} needs rope_parameters.factor")
+            raise FaJaxError(f"{where}: rope_type {rope_type!r} needs {src}.factor")
         out["rope_factor"] = float(rp["factor"])
     if rope_type == "llama3":
         for key, field in (("low_freq_factor", "rope_low_freq_factor"), ("high_freq_factor", "rope_high_freq_factor"),
                            ("original_max_position_embeddings", "rope_original_max_position")):
             if key not in rp:
-                raise FaJaxError(f"{where}: rope_type 'llama3' needs rope_parameters.{key}")
+                raise FaJaxError(f"{where}: rope_type 'llama3' needs {src}.{key}")
             out[field] = type(ModelConfig.__dataclass_fields__[field].default)(rp[key])
     return out
+
+
+def _token_ids(v):
+    """A token id list (e.g. Llama-3.1-Instruct's eos_token_id) as a tuple, so that ModelConfig stays hashable."""
+    return tuple(v) if isinstance(v, list) else v
 
 
 def from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
@@ -209,9 +220,9 @@ def from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
         hidden_act=act,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", tie_default)),
         max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
-        pad_token_id=d.get("pad_token_id"),
+        bos_token_id=_token_ids(d.get("bos_token_id")),
+        eos_token_id=_token_ids(d.get("eos_token_id")),
+        pad_token_id=_token_ids(d.get("pad_token_id")),
         hf_config=dict(d),
         **_rope_fields(d, where),
         **kw,

@@ -47,6 +47,8 @@ def resolve_targets(config, targets) -> list[str]:
         return [m for m in modules if m.rsplit(".", 1)[-1] in ALL_LINEAR]
     if isinstance(targets, str):
         targets = [targets]
+    if not targets:
+        raise FaJaxError("LoRA targets is empty (give module names such as ['q_proj', 'v_proj'], or 'all-linear')")
     chosen = []
     for t in targets:
         hits = [m for m in modules if m == t or m.rsplit(".", 1)[-1] == t]
@@ -79,6 +81,15 @@ def init_lora(config, rng, rank: int = 8, alpha: float = 16.0, targets="all-line
 
     shapes = dict(linear_modules(config))
     paths = resolve_targets(config, targets)
+    for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for k in pattern or {}:
+            if not any(p == k or p.endswith("." + k) for p in shapes):
+                raise FaJaxError(f"LoRA {name} key {k!r} matches no module of this {config.model_type} model "
+                                 f"(module names: {', '.join(sorted({p.rsplit('.', 1)[-1] for p in shapes}))}, "
+                                 f"or full module paths)")
+    for k, v in (rank_pattern or {}).items():
+        if int(v) < 1:
+            raise FaJaxError(f"LoRA rank_pattern[{k!r}] must be >= 1, got {v}")
     tree: dict = {}
     keys = jax.random.split(rng, len(paths))
     for key, path in zip(keys, paths):

@@ -189,7 +189,8 @@ def test_llama3_rope_missing_subfield(llama_dir, tmp_path):
     d = copy_dir(llama_dir, tmp_path)
     edit_json(d / "config.json", rope_parameters={"rope_theta": 10000.0, "rope_type": "llama3", "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0})
-    with pytest.raises(FaJaxError, match=r"original_max_position_embeddings"):
+    with pytest.raises(FaJaxError, match=r"config\.json: rope_type 'llama3' needs "
+                                         r"rope_parameters\.original_max_position_embeddings$"):
         fa_jax.load_model(str(d))
 
 

@@ -22,16 +22,18 @@ def atomic_dir(out_dir: str, overwrite: bool = False):
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    old = None
     try:
         yield tmp
-        old = None
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rmdir(old)
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not os.path.exists(out_dir):
+            os.rename(old, out_dir)  # put the previous output back under its own name
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from fa_jax import config as config_lib
 from fa_jax.errors import FaJaxError
 from fa_jax.io.atomic import atomic_dir
-from fa_jax.io.safetensors import SafetensorsFile, write
+from fa_jax.io.safetensors import SafetensorsFile, dtype_name, write
 from fa_jax.models.transformer import param_specs
 from fa_jax.tree import flatten, unflatten
 
@@ -123,12 +123,20 @@ def place(arr_fn: Callable[[], np.ndarray], shape, dtype, sharding):
     return jax.make_array_from_callback(tuple(shape), sharding, lambda idx: np.asarray(view[idx], dtype=dtype))
 
 
+def as_dtype(dtype, where: str) -> np.dtype:
+    """`dtype` (a name like "bfloat16" or a dtype) as a numpy dtype, or a FaJaxError naming the value."""
+    try:
+        return np.dtype(jax.numpy.dtype(dtype))
+    except (TypeError, ValueError):
+        raise FaJaxError(f"{where}: dtype={dtype!r} is not a dtype (expected e.g. 'float32' or 'bfloat16')") from None
+
+
 def load_hf(path: str, dtype="float32", sharding=None):
     """(config, params) from a Hugging Face directory; see `fa_jax.load_model`."""
+    dtype = as_dtype(dtype, "load_model")
     config = config_lib.load_config(path)
     reader = CheckpointReader(path)
     wanted = check_tensors(config, reader, path)
-    dtype = np.dtype(jax.numpy.dtype(dtype))
     specs = param_specs(config)
     flat = {}
     for p, name in tqdm(wanted.items(), desc=f"loading {os.path.basename(os.path.abspath(path))}", unit="tensor",
@@ -163,7 +171,14 @@ def save_hf(config, params, out_dir: str, *, dtype=None, max_shard_size="5GB", t
             raise FaJaxError(f"save_hf: params have no {p!r} (expected shape {list(shape)})")
         if tuple(flat[p].shape) != tuple(shape):
             raise FaJaxError(f"save_hf: {p} has shape {list(flat[p].shape)}, the config implies {list(shape)}")
-    out_dtype = lambda a: np.dtype(jax.numpy.dtype(dtype)) if dtype else np.dtype(a.dtype)
+    extra = [p for p in flat if p not in specs]
+    if extra:
+        raise FaJaxError(f"save_hf: {len(extra)} param(s) not used by this {config.model_type} config, e.g. "
+                         f"{extra[0]!r} (they would not be saved; does the config match the params?)")
+    if dtype is not None:
+        dtype = as_dtype(dtype, "save_hf")
+        dtype_name(dtype)  # storable in safetensors, checked before anything is written
+    out_dtype = lambda a: dtype if dtype is not None else np.dtype(a.dtype)
     entries = []
     for p, (shape, _) in specs.items():
         a = flat[p]
