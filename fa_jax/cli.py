@@ -2,6 +2,7 @@
 
     fa-jax info PATH                      # architecture and parameter count of an HF directory or .gguf file
     fa-jax convert PATH OUT_DIR           # HF directory or .gguf file -> HF directory (safetensors + tokenizer)
+    fa-jax pretrain --config FILE [key=value ...]   # foundation-adapter pre-training (KD + LM)
 
 User mistakes are reported as one line on stderr with exit status 2; no traceback.
 """
@@ -44,6 +45,30 @@ def _convert(args) -> None:
     print(f"wrote {os.path.abspath(args.out)} ({config.num_params:,} parameters, {time.time() - t0:.1f} s)")
 
 
+def _pretrain(args) -> None:
+    from fa_jax import run_config, train
+
+    cfg = run_config.load(args.config, train.pretrain_defaults(), args.overrides)
+    if args.print_config:
+        import json
+
+        print(json.dumps(cfg, indent=2, default=str))
+        return
+    summary = train.pretrain(cfg)
+    m = summary["metrics"]
+    print(f"step {summary['step']}/{summary['steps']}: loss {m.get('loss', float('nan')):.4f} "
+          f"(kd {m.get('kd', float('nan')):.4f}, lm {m.get('lm', float('nan')):.4f}), "
+          f"{m.get('tokens_per_s', 0):.0f} tokens/s")
+    print(f"wrote {summary['out_dir']} (checkpoints, metrics.jsonl, tensorboard/, loss_curve.png"
+          + (", adapter_peft/)" if "peft_adapter" in summary else ")"))
+
+
+def _add_run_args(s) -> None:
+    s.add_argument("--config", help="Python config file defining get_config() (see configs/)")
+    s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fa-jax", description="Foundation adapters in JAX.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -58,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-tokenizer", action="store_true", help="do not save the tokenizer")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.set_defaults(fn=_convert)
+    s = sub.add_parser("pretrain", help="pre-train a foundation adapter (KD from a teacher + LM on text)")
+    _add_run_args(s)
+    s.set_defaults(fn=_pretrain)
     return p
 
 

@@ -46,3 +46,36 @@ def hf_logits(model, tokens, mask=None, positions=None):
         if positions is not None:
             kw["position_ids"] = torch.tensor(np.asarray(positions))
         return model(input_ids=torch.tensor(np.asarray(tokens)), **kw).logits.float().numpy()
+
+
+def save_tiny_tokenizer(path, vocab_size: int = 256):
+    """A word-level tokenizer with at most `vocab_size` ids (fits the tiny models), saved as a transformers
+    PreTrainedTokenizerFast into `path` (next to a tiny model, so fa_jax.load_tokenizer finds it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = ("the a of and to in is was that it for on with as by at be this from or an are which but not his "
+             "had have her they you one all were we there been has their more when will would who so no if out "
+             "what up about into than them can only other new some time could these two may then do first any "
+             "my now such like our over man me even most made after also did many before must through back "
+             "years where much your way well down should because each just those people how too little state "
+             "good very make world still own see men work long get here between both life being under never day "
+             "same another know while last might us great old year off come since against go came right used take "
+             "three hacker program system computer word text line user code data file time name").split()
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    tok.train_from_iterator([" ".join(words)] * 2, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="<pad>")
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def write_corpus(path, n_docs: int = 40, seed: int = 0, max_words: int = 60):
+    """A plain-text corpus of `n_docs` paragraphs of the tiny tokenizer's words."""
+    rng = np.random.RandomState(seed)
+    tok_words = "the a of and to in is was that it for on with as by hacker program system computer".split()
+    paras = [" ".join(rng.choice(tok_words, rng.randint(3, max_words))) + "." for _ in range(n_docs)]
+    with open(path, "w") as f:
+        f.write("\n\n".join(paras) + "\n")
+    return str(path)

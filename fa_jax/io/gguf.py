@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from fa_jax import config as config_lib
 from fa_jax.errors import FaJaxError
-from fa_jax.io.hf import _resolve_sharding, is_transposed, place
+from fa_jax.io.hf import is_transposed, place, sharding_for
 from fa_jax.models.transformer import param_specs
 from fa_jax.tree import unflatten
 
@@ -95,11 +95,16 @@ def _open(path: str):
     import gguf
 
     size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        what = "it is empty" if size == 0 else f"it starts with {magic!r}, not b'GGUF'"
+        raise FaJaxError(f"{path}: not a GGUF file ({what})")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, KeyError, IndexError, ... on malformed input
+    except Exception as e:  # on malformed input the reader fails with ValueError, IndexError, KeyError, ...
         msg = " ".join(str(e).split()) or type(e).__name__
-        raise FaJaxError(f"{path}: not a valid GGUF file, or truncated/corrupt ({msg}; file of {size} bytes)") from None
+        raise FaJaxError(f"{path}: corrupt or truncated GGUF file of {size} bytes (the reader says: {msg})") from None
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise FaJaxError(f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes up to "
@@ -125,36 +130,55 @@ def _dequantize(path: str, t) -> np.ndarray:
 
 
 def _rope_from_freqs(path: str, freqs: np.ndarray, base: dict, orig_ctx) -> dict:
-    """rope_parameters reproducing llama.cpp's `rope_freqs` divisors, or a FaJaxError if none found.
+    """rope_parameters reproducing llama.cpp's `rope_freqs` divisors, or a FaJaxError if there are none.
 
-    llama.cpp rotates with inv_freq / freqs. Llama 3.x checkpoints get freqs from the llama3 formula
-    (factor, low/high_freq_factor, original_max_position_embeddings), which the GGUF does not record; the result
-    depends only on factor, old/low and old/high, so a small grid of the usual values finds an exact match.
+    llama.cpp rotates with inv_freq / freqs. For Llama 3.x the converter fills freqs with the llama3 formula
+    (factor, low/high_freq_factor, original_max_position_embeddings), which the GGUF does not record otherwise:
+    1 for short wavelengths, `factor` for long ones, and between the two 1/s' with s' linear in 1/wavelength.
+    The formula depends only on the two boundary wavelengths (old/low, old/high), so those are solved from the
+    in-between entries (or, with fewer than two of them, taken from the usual values) and the result is checked.
+    A constant divisor is linear scaling.
     """
     if np.all(freqs == 1.0):
         return base
+    unexpressible = FaJaxError(f"{path}: tensor {ROPE_FREQS!r} holds rope frequency factors (min {freqs.min():.4g}, "
+                               f"max {freqs.max():.4g}) that match no llama3 rope scaling fa_jax can express")
+    if not np.all(np.isfinite(freqs)) or freqs.min() < 1.0:  # llama3 factors lie in [1, factor]
+        raise unexpressible
+    if np.all(freqs == freqs[0]):  # one divisor for every frequency: plain linear scaling
+        return {**base, "rope_type": "linear", "factor": float(freqs[0])}
     hd = 2 * freqs.shape[0]
     probe = dict(model_type="llama", vocab_size=1, hidden_size=hd, intermediate_size=1, num_hidden_layers=1,
                  num_attention_heads=1, head_dim=hd)
-    plain = config_lib.rope_inv_freq(config_lib.from_hf_dict({**probe, "rope_parameters": base}, path))
+    inv_freq = lambda rope: config_lib.rope_inv_freq(  # noqa: E731
+        config_lib.from_hf_dict({**probe, "rope_parameters": rope}, path))
+    plain = inv_freq(base).astype(np.float64)
     want = plain / freqs
-    factor = float(np.round(freqs.max(), 4))
-    olds = ([int(orig_ctx)] if orig_ctx else []) + [8192, 4096, 2048, 16384, 32768, 65536, 131072]
-    for old in olds:
-        for lo in (1.0, 0.5, 2.0):
-            for hi in (4.0, 2.0, 8.0, 16.0, 32.0):
-                if hi <= lo:
-                    continue
-                rope = {**base, "rope_type": "llama3", "factor": factor, "low_freq_factor": lo,
-                        "high_freq_factor": hi, "original_max_position_embeddings": old}
-                got = config_lib.rope_inv_freq(config_lib.from_hf_dict({**probe, "rope_parameters": rope}, path))
-                if np.allclose(got, want, rtol=1e-4, atol=0):
-                    return rope
-    raise FaJaxError(f"{path}: tensor {ROPE_FREQS!r} holds rope frequency factors (min {freqs.min():.4g}, "
-                     f"max {freqs.max():.4g}) that match no llama3 rope scaling fa_jax can express")
+    factor = float(freqs.max())
+    candidates = []
+    wavelen = 2 * np.pi / plain
+    medium = (freqs > 1.0 + 1e-6) & (freqs < factor * (1 - 1e-6))
+    s = (1 / freqs[medium] - 1 / factor) / (1 - 1 / factor)  # = (old/wavelen - lo) / (hi - lo) = A/wavelen + B
+    if medium.sum() >= 2:
+        A, B = np.polyfit(1 / wavelen[medium], s, 1)
+        if B < 0 < A:
+            lo_wavelen, ratio = -A / B, 1 - 1 / B  # old/lo, and hi/lo
+            old = int(orig_ctx) if orig_ctx else int(round(lo_wavelen))
+            lo = old / lo_wavelen
+            candidates += [(old, round(lo, d), round(lo * ratio, d)) for d in (3, 6)] + [(old, lo, lo * ratio)]
+    elif medium.sum() == 1:  # one equation: assume the usual low/high = 1/4 and solve for old
+        candidates.append((int(round(wavelen[medium][0] * (3 * s[0] + 1))), 1.0, 4.0))
+    olds = ([int(orig_ctx)] if orig_ctx else []) + [2 ** k for k in range(4, 21)]
+    candidates += [(old, 1.0, 4.0) for old in olds]
+    for old, lo, hi in candidates:
+        rope = {**base, "rope_type": "llama3", "factor": round(factor, 6), "low_freq_factor": float(lo),
+                "high_freq_factor": float(hi), "original_max_position_embeddings": old}
+        if np.allclose(inv_freq(rope), want, rtol=1e-5, atol=0):
+            return rope
+    raise unexpressible
 
 
-def _config_dict(path: str, reader, meta: _Metadata, tensors: dict) -> dict:
+def _config_dict(path: str, meta: _Metadata, tensors: dict) -> dict:
     """A Hugging Face style config dict built from the GGUF metadata (and, where it is silent, the tensors)."""
     arch = meta.require("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
@@ -166,9 +190,7 @@ def _config_dict(path: str, reader, meta: _Metadata, tensors: dict) -> dict:
                          f"is not supported")
     hidden = int(meta.require(key("embedding_length")))
     n_heads = int(meta.require(key("attention.head_count")))
-    n_kv = meta.get(key("attention.head_count_kv"), n_heads)
-    if isinstance(n_kv, (list, tuple)):
-        raise FaJaxError(f"{path}: per-layer {key('attention.head_count_kv')} is not supported")
+    n_kv = meta.get(key("attention.head_count_kv"), n_heads)  # a per-layer array is an error in `get`
     head_dim = int(meta.get(key("attention.key_length")) or hidden // n_heads)
     v_dim = int(meta.get(key("attention.value_length")) or head_dim)
     if v_dim != head_dim:
@@ -233,7 +255,7 @@ def load_gguf(path: str, dtype="float32", sharding=None):
     reader = _open(path)
     meta = _Metadata(path, reader)
     tensors = {t.name: t for t in reader.tensors}
-    config = config_lib.from_hf_dict(_config_dict(path, reader, meta, tensors), where=path)
+    config = config_lib.from_hf_dict(_config_dict(path, meta, tensors), where=path)
 
     specs = param_specs(config)
     wanted = {}  # fa_jax path -> GGUF tensor name, every shape checked before anything is dequantised
@@ -265,5 +287,5 @@ def load_gguf(path: str, dtype="float32", sharding=None):
     for p, name in tqdm(wanted.items(), desc=f"loading {os.path.basename(path)}", unit="tensor", disable=None,
                         leave=False):
         shape = specs[p][0]
-        flat[p] = place(lambda p=p, name=name: fetch(p, name), shape, dtype, _resolve_sharding(sharding, p, shape))
+        flat[p] = place(lambda p=p, name=name: fetch(p, name), shape, dtype, sharding_for(sharding, config, p, shape))
     return config, unflatten(flat)

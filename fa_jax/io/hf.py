@@ -85,7 +85,11 @@ class CheckpointReader:
         return os.path.join(self.path, self.where[name])
 
 
-def _resolve_sharding(sharding, path: str, shape):
+def sharding_for(sharding, config, path: str, shape):
+    """The sharding of one parameter, from what `load_model(sharding=...)` accepts: None, one Sharding, a dict
+    {path: Sharding}, a function (path, shape) -> Sharding, or `fa_jax.sharding.Rules` (mesh + rule table)."""
+    if hasattr(sharding, "for_config"):
+        sharding = sharding.for_config(config)
     if sharding is None or isinstance(sharding, jax.sharding.Sharding):
         return sharding
     if isinstance(sharding, dict):
@@ -137,13 +141,15 @@ def load_hf(path: str, dtype="float32", sharding=None):
     config = config_lib.load_config(path)
     reader = CheckpointReader(path)
     wanted = check_tensors(config, reader, path)
+    if hasattr(sharding, "for_config"):  # resolve the rule table once, not per tensor
+        sharding = sharding.for_config(config)
     specs = param_specs(config)
     flat = {}
     for p, name in tqdm(wanted.items(), desc=f"loading {os.path.basename(os.path.abspath(path))}", unit="tensor",
                         disable=None, leave=False):
         fetch = (lambda n=name: reader.get(n).T) if is_transposed(p) else (lambda n=name: reader.get(n))
         shape = specs[p][0]
-        flat[p] = place(fetch, shape, dtype, _resolve_sharding(sharding, p, shape))
+        flat[p] = place(fetch, shape, dtype, sharding_for(sharding, config, p, shape))
     return config, unflatten(flat)
 
 

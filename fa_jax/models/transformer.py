@@ -170,3 +170,25 @@ def cast(params, dtype):
 
 def to_numpy(params):
     return jax.tree.map(np.asarray, params)
+
+
+def select_layers(config, params, keep):
+    """A smaller model made of the layers `keep` (indices, in order) of this one: (config, params).
+
+    The arrays are shared, not copied. `keep="every_other"` keeps layers 0, 2, 4, ... (layer pruning, the student
+    of the embedded demo). Per-layer settings (sliding windows) follow their layers.
+    """
+    from fa_jax.errors import FaJaxError
+
+    n = config.num_hidden_layers
+    if keep == "every_other":
+        keep = list(range(0, n, 2))
+    keep = [int(i) for i in keep]
+    bad = [i for i in keep if not 0 <= i < n]
+    if bad or not keep or len(set(keep)) != len(keep):
+        raise FaJaxError(f"keep_layers={keep}: expected distinct layer indices in [0, {n})")
+    new_config = config.replace(num_hidden_layers=len(keep),
+                                sliding_windows=tuple(config.window(i) for i in keep) if config.sliding_windows else ())
+    model = dict(params["model"])
+    model["layers"] = {str(j): params["model"]["layers"][str(i)] for j, i in enumerate(keep)}
+    return new_config, {**params, "model": model}

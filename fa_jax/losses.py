@@ -1,0 +1,217 @@
+"""Knowledge-distillation loss: a divergence to the teacher plus next-token cross-entropy.
+
+    loss = alpha * T**2 * mean_masked D(teacher || student at temperature T) + (1 - alpha) * mean_masked CE(student)
+
+`distill_loss` is the reference form on full logits. `chunked_distill_loss` gives the same numbers from hidden
+states and LM heads, one chunk of time steps at a time, so float32 [B, T, V] logits never exist for the whole
+sequence, in the forward or the backward pass.
+
+Axis legend: B batch, T time, C time steps in a chunk, N chunks, D model (Ds student, Dt teacher), V vocab.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fa_jax.errors import FaJaxError
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _check(divergence, beta, alpha, with_teacher):
+    if divergence not in DIVERGENCES:
+        raise FaJaxError(f"divergence={divergence!r}: expected one of {', '.join(DIVERGENCES)}")
+    if divergence == "jsd" and isinstance(beta, (int, float)) and not 0.0 < beta < 1.0:
+        raise FaJaxError(f"beta={beta}: jsd needs 0 < beta < 1 (at 0 or 1 it is identically 0; use forward_kl "
+                         "or reverse_kl for those limits)")
+    if not with_teacher and not (isinstance(alpha, (int, float)) and alpha == 0):
+        raise FaJaxError(f"alpha={alpha} weighs a teacher term, but no teacher was given (use alpha=0)")
+
+
+def _shared_vocab(student, teacher):
+    """Both arrays cut to the first min(Vs, Vt) entries of their last axis (logits [..., V] or heads [D, V]).
+
+    Families pad the vocabulary differently (128256 vs 128264 rows); the padding rows are never real tokens.
+    Without a teacher (None) the student keeps its whole vocabulary.
+    """
+    if teacher is None:
+        return student, None
+    v = min(student.shape[-1], teacher.shape[-1])
+    return student[..., :v], teacher[..., :v]
+
+
+def _token_terms(s_logits, t_logits, labels, mask, temperature, divergence, beta):
+    """Per-token divergence, cross-entropy and argmax agreement [...], each zero where mask is 0 (and the divergence
+    and agreement zero everywhere when t_logits is None).
+
+    Rows with mask 0 are replaced by zeros before any arithmetic, so inf/NaN/huge logits in padding can
+    poison neither the value nor the gradient.
+    """
+    s_logits, t_logits = _shared_vocab(s_logits, t_logits)
+    keep = mask > 0
+    m = mask.astype(jnp.float32)
+    s = jnp.where(keep[..., None], s_logits.astype(jnp.float32), 0.0)
+    t_is_one = isinstance(temperature, (int, float)) and temperature == 1
+    ls1 = jax.nn.log_softmax(s, axis=-1)
+    label = jnp.where(keep, labels, 0).astype(jnp.int32)
+    ce = -jnp.take_along_axis(ls1, label[..., None], axis=-1)[..., 0] * m
+    if t_logits is None:
+        return jnp.zeros_like(ce), ce, jnp.zeros_like(ce)
+    t = jnp.where(keep[..., None], jax.lax.stop_gradient(t_logits).astype(jnp.float32), 0.0)
+    ls = ls1 if t_is_one else jax.nn.log_softmax(s / temperature, axis=-1)
+    lt = jax.nn.log_softmax(t / temperature, axis=-1)
+    if divergence == "forward_kl":
+        kd = jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
+    elif divergence == "reverse_kl":
+        kd = jnp.sum(jnp.exp(ls) * (ls - lt), axis=-1)
+    else:
+        beta = jnp.asarray(beta, jnp.float32)
+        lm = jnp.logaddexp(jnp.log(beta) + lt, jnp.log1p(-beta) + ls)  # log M, without forming M
+        kd = (beta * jnp.sum(jnp.exp(lt) * (lt - lm), axis=-1)
+              + (1.0 - beta) * jnp.sum(jnp.exp(ls) * (ls - lm), axis=-1))
+    agree = (jnp.argmax(s, axis=-1) == jnp.argmax(t, axis=-1)).astype(jnp.float32)
+    return kd * m, ce, agree * m
+
+
+def _normalizer(mask, normalizer):
+    n = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0) if normalizer is None else normalizer
+    return jax.lax.stop_gradient(jnp.asarray(n, jnp.float32))
+
+
+def _combine(kd_sum, ce_sum, agree_sum, tokens, n, alpha, temperature):
+    kd, lm = kd_sum / n, ce_sum / n
+    loss = alpha * temperature ** 2 * kd + (1.0 - alpha) * lm
+    return loss, {"loss": loss, "kd": kd, "lm": lm, "agreement": agree_sum / n, "tokens": tokens}
+
+
+def distill_loss(student_logits, teacher_logits, labels, mask, alpha=0.5, temperature=1.0, divergence="forward_kl",
+                 beta=0.5, normalizer=None):
+    """Distillation loss on full logits (the reference form). Returns (loss, metrics).
+
+    student_logits [B, T, Vs], teacher_logits [B, T, Vt] (any float dtype; computed in float32, over the shared
+    first min(Vs, Vt) entries); labels [B, T] int, the target of logits[b, t] (already shifted); mask [B, T], 1 for
+    counted tokens (padding rows may hold any labels and any logits, inf and NaN included).
+
+        loss = alpha * T**2 * kd + (1 - alpha) * lm
+        kd   = sum_masked D(P_teacher || P_student) / normalizer,  P_x = softmax(x_logits / T)
+        lm   = sum_masked -log softmax(student_logits)[label] / normalizer   (cross-entropy at T = 1)
+
+    The T**2 factor keeps the divergence's gradient magnitude comparable across temperatures, since the
+    softened gradients shrink as 1/T**2 (Hinton et al. 2015, "Distilling the knowledge in a neural network").
+
+    divergence:
+      "forward_kl": KL(P_teacher || P_student) = sum P_t (log P_t - log P_s); mode-covering, the classic KD loss.
+      "reverse_kl": KL(P_student || P_teacher); mode-seeking.
+      "jsd": generalized Jensen-Shannon with mixture M = beta * P_teacher + (1 - beta) * P_student,
+             JSD = beta * KL(P_teacher || M) + (1 - beta) * KL(P_student || M)   (as in GKD, Agarwal et al. 2024).
+             beta weighs the teacher. beta = 0.5 is the symmetric Jensen-Shannon divergence (at most log 2).
+             JSD -> 0 as beta -> 0 or 1, to first order JSD ~= beta * KL(P_teacher || P_student) for beta -> 0
+             and JSD ~= (1 - beta) * KL(P_student || P_teacher) for beta -> 1; so JSD / beta tends to forward_kl
+             and JSD / (1 - beta) to reverse_kl. Needs 0 < beta < 1.
+
+    normalizer: the count to divide by, default mask.sum() (at least 1). A caller accumulating micro-batches passes
+    the global token count, so the micro-batch losses and metrics add up to the global means.
+
+    The teacher is a constant (stop_gradient); gradients flow to student_logits only. teacher_logits=None (with
+    alpha=0) is plain next-token cross-entropy over the student's whole vocabulary; kd and agreement are then 0.
+    metrics: "loss"; "kd" and "lm", the two unweighted terms; "agreement", the masked fraction of tokens where
+    argmax student == argmax teacher (over normalizer); "tokens", mask.sum() of this call.
+    """
+    _check(divergence, beta, alpha, teacher_logits is not None)
+    kd, ce, agree = _token_terms(student_logits, teacher_logits, labels, mask, temperature, divergence, beta)
+    tokens = jnp.sum(mask.astype(jnp.float32))
+    metrics = jax.lax.stop_gradient((jnp.sum(agree), tokens))
+    return _combine(jnp.sum(kd), jnp.sum(ce), metrics[0], metrics[1], _normalizer(mask, normalizer),
+                    alpha, temperature)
+
+
+def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels, mask, *, alpha=0.5,
+                         temperature=1.0, divergence="forward_kl", beta=0.5, chunk_size=128, normalizer=None):
+    """`distill_loss(student_hidden @ student_head, teacher_hidden @ teacher_head, ...)`, chunk by chunk.
+
+    student_hidden [B, T, Ds], student_head [Ds, Vs], teacher_hidden [B, T, Dt], teacher_head [Dt, Vt] (bf16 or
+    float32; logits are float32 via preferred_element_type); labels, mask, alpha, temperature, divergence, beta and
+    normalizer as in `distill_loss`. The sequence is cut into chunks of `chunk_size` time steps (the last one padded
+    with mask 0 when T is not a multiple); each chunk computes both heads, its loss and, when differentiated, its
+    gradient with respect to its student hidden states, so neither pass holds [B, T, V] float32 logits.
+
+    teacher_hidden = teacher_head = None (with alpha=0): cross-entropy only, no teacher head is computed.
+    Gradients flow to student_hidden only (heads, teacher and hyperparameters are constants). The backward pass
+    scales a stored gradient [B, T, Ds] by the incoming cotangent: no recompute. Returns (loss, metrics) with the
+    metrics of `distill_loss` (not differentiated).
+    """
+    _check(divergence, beta, alpha, teacher_hidden is not None)
+    c = max(1, min(chunk_size, student_hidden.shape[1]))
+    mask = jnp.asarray(mask)
+    n = _normalizer(mask, normalizer)
+    student_head, teacher_head = _shared_vocab(*jax.lax.stop_gradient((student_head, teacher_head)))
+    teacher_hidden = None if teacher_hidden is None else _to_chunks(jax.lax.stop_gradient(teacher_hidden), c)
+    # A Python temperature stays static, so at T = 1 one student log-softmax serves both terms.
+    static_temperature = float(temperature) if isinstance(temperature, (int, float)) else None
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return _chunked(divergence, c, static_temperature, student_hidden, student_head, teacher_hidden, teacher_head,
+                    _to_chunks(jnp.asarray(labels), c), _to_chunks(mask, c), n, f32(alpha), f32(temperature),
+                    f32(beta))
+
+
+def _to_chunks(x, c):
+    """[B, T, ...] -> [N, B, C, ...], the time axis padded with zeros to a multiple of c."""
+    x = jnp.pad(x, [(0, 0), (0, -x.shape[1] % c)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, c, *x.shape[2:]), 1, 0)
+
+
+def _chunk_loss(divergence, hs, head_s, ht, head_t, labels, mask, n, alpha, temperature, beta):
+    """Loss contribution of one chunk hs [B, C, Ds], with (kd, ce, agreement) sums as aux."""
+    s = jnp.einsum("bcd,dv->bcv", hs, head_s.astype(hs.dtype), preferred_element_type=jnp.float32)
+    t = None if ht is None else jnp.einsum("bcd,dv->bcv", ht, head_t.astype(ht.dtype),
+                                           preferred_element_type=jnp.float32)
+    kd, ce, agree = _token_terms(s, t, labels, mask, temperature, divergence, beta)
+    kd, ce, agree = jnp.sum(kd), jnp.sum(ce), jnp.sum(agree)
+    return (alpha * temperature ** 2 * kd + (1.0 - alpha) * ce) / n, (kd, ce, agree)
+
+
+def _scan_chunks(divergence, with_grad, hs_chunks, head_s, ht_chunks, head_t, label_chunks, mask_chunks, n, alpha,
+                 temperature, beta):
+    """Sums of (kd, ce, agreement) over chunks, and the per-chunk grads [N, B, C, Ds] when with_grad."""
+    def body(sums, xs):
+        hs, ht, labels, mask = xs
+        f = functools.partial(_chunk_loss, divergence, head_s=head_s, ht=ht, head_t=head_t, labels=labels,
+                              mask=mask, n=n, alpha=alpha, temperature=temperature, beta=beta)
+        if with_grad:
+            _, vjp, aux = jax.vjp(f, hs, has_aux=True)
+            grad = vjp(jnp.ones((), jnp.float32))[0]
+        else:
+            aux, grad = f(hs)[1], None
+        return jax.tree.map(jnp.add, sums, aux), grad
+
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.scan(body, (zero, zero, zero), (hs_chunks, ht_chunks, label_chunks, mask_chunks))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked(divergence, c, static_temperature, student_hidden, head_s, ht_chunks, head_t, label_chunks, mask_chunks,
+             n, alpha, temperature, beta):
+    temperature = temperature if static_temperature is None else static_temperature
+    (kd, ce, agree), _ = _scan_chunks(divergence, False, _to_chunks(student_hidden, c), head_s, ht_chunks, head_t,
+                                      label_chunks, mask_chunks, n, alpha, temperature, beta)
+    return _combine(kd, ce, agree, jnp.sum(mask_chunks.astype(jnp.float32)), n, alpha, temperature)
+
+
+def _chunked_fwd(divergence, c, static_temperature, student_hidden, head_s, ht_chunks, head_t, label_chunks,
+                 mask_chunks, n, alpha, temperature, beta):
+    temperature = temperature if static_temperature is None else static_temperature
+    (kd, ce, agree), grads = _scan_chunks(divergence, True, _to_chunks(student_hidden, c), head_s, ht_chunks,
+                                          head_t, label_chunks, mask_chunks, n, alpha, temperature, beta)
+    out = _combine(kd, ce, agree, jnp.sum(mask_chunks.astype(jnp.float32)), n, alpha, temperature)
+    b, t, d = student_hidden.shape
+    return out, jnp.moveaxis(grads, 0, 1).reshape(b, -1, d)[:, :t]  # [N, B, C, Ds] -> [B, T, Ds]
+
+
+def _chunked_bwd(divergence, c, static_temperature, grads, cotangent):
+    # Only the loss is differentiable; the metrics' cotangents are ignored.
+    return (grads * cotangent[0].astype(grads.dtype),) + (None,) * 9
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)

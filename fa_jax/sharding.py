@@ -1,0 +1,133 @@
+"""The device mesh and the one table of logical-axis rules that shards student, adapters, teacher and batches.
+
+Every parameter carries logical axis names (`param_specs` in models/transformer.py: "embed", "heads", "kv_heads",
+"mlp", "vocab", "norm"); a rule maps a logical name to mesh axes. The mesh has the axes (data, fsdp, tensor):
+batches split over data x fsdp, weights over fsdp (ZeRO-3 style) and tensor (Megatron style).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fa_jax.errors import FaJaxError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("rank", None),
+)
+
+
+def make_mesh(shape: Sequence[int] | dict = (-1, 1, 1), devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. One entry may be -1: all the remaining devices (of every process); without a
+    -1 the mesh takes the first devices it needs (e.g. [1, 1, 1] runs on one device)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if isinstance(shape, dict):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise FaJaxError(f"mesh: unknown axis {sorted(unknown)[0]!r} (axes: {', '.join(MESH_AXES)})")
+        shape = [shape.get(a, 1) for a in MESH_AXES]
+    shape = [int(s) for s in shape]
+    if len(shape) != 3 or shape.count(-1) > 1:
+        raise FaJaxError(f"mesh shape {shape}: expected 3 sizes for (data, fsdp, tensor), at most one of them -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 not in shape and known < len(devices) and jax.process_count() == 1:
+        devices = devices[:known]
+    if -1 in shape:
+        if len(devices) % known:
+            raise FaJaxError(f"mesh shape {shape}: {len(devices)} devices are not divisible by {known}")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise FaJaxError(f"mesh shape {shape} needs {math.prod(shape)} devices, there are {len(devices)}")
+    try:
+        arr = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # some topologies (e.g. simulated CPU devices across processes) have no preferred layout
+        arr = np.array(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def spec_for(shape, axes, mesh: Mesh, rules=DEFAULT_RULES) -> P:
+    """PartitionSpec for one array: each logical axis mapped by `rules`; a dimension the mesh axes do not divide,
+    or a mesh axis already used by an earlier dimension, stays replicated."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for dim, name in zip(shape, axes):
+        target = table.get(name)
+        names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        names = tuple(n for n in names if n not in used and mesh.shape.get(n, 1) > 1)
+        size = math.prod(mesh.shape[n] for n in names)
+        if names and dim % size == 0:
+            out.append(names[0] if len(names) == 1 else names)
+            used.update(names)
+        else:
+            out.append(None)
+    return P(*out)
+
+
+class Rules:
+    """A mesh plus rule table; `fa_jax.load_model(path, sharding=Rules(mesh))` shards each tensor as it loads."""
+
+    def __init__(self, mesh: Mesh, rules=DEFAULT_RULES):
+        self.mesh, self.rules = mesh, tuple(rules)
+
+    def for_config(self, config) -> dict:
+        return param_shardings(config, self.mesh, self.rules)
+
+
+def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """{param path: NamedSharding}; pass it to `fa_jax.load_model(..., sharding=...)` or use as a jit sharding."""
+    from fa_jax.models.transformer import param_specs
+
+    return {path: NamedSharding(mesh, spec_for(shape, axes, mesh, rules))
+            for path, (shape, axes) in param_specs(config).items()}
+
+
+def tree_shardings(config, tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """Shardings for a params-shaped or adapter-shaped tree (same nesting as the base params).
+
+    LoRA `lora_A` [in, r] follows the kernel's input axis, `lora_B` [r, out] its output axis; anything else at a
+    module path without a rule (scalars, vectors of adapters) is replicated.
+    """
+    from fa_jax.models.transformer import param_specs
+
+    specs = param_specs(config)
+
+    def one(path, leaf):
+        keys = [getattr(k, "key", str(k)) for k in path]
+        dotted = ".".join(keys)
+        shape = getattr(leaf, "shape", ())
+        if dotted in specs:
+            return NamedSharding(mesh, spec_for(shape, specs[dotted][1], mesh, rules))
+        kernel = ".".join(keys[:-1]) + ".kernel"
+        if kernel in specs and len(shape) == 2:
+            in_axis, out_axis = specs[kernel][1]
+            axes = {"lora_A": (in_axis, "rank"), "lora_B": ("rank", out_axis)}.get(keys[-1])
+            if axes:
+                return NamedSharding(mesh, spec_for(shape, axes, mesh, rules))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of [B, T] batch arrays: B over the batch rule's mesh axes (data x fsdp), T replicated."""
+    target = dict(rules).get("batch")
+    names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    names = tuple(n for n in names if mesh.shape.get(n, 1) > 1)
+    return NamedSharding(mesh, P(names if names else None, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,382 @@
+"""Foundation-adapter pre-training: a frozen student with trainable adapters learns from a frozen teacher and from
+the text, L = alpha * KD + (1 - alpha) * LM, in one jitted, mesh-sharded step.
+
+    fa-jax pretrain --config configs/pretrain_smollm2.py run.steps=200
+
+The step differentiates with respect to the adapters only; the student's and the teacher's weights are arguments
+that are never differentiated, so they have neither gradients nor optimizer state. LM heads and the loss run in
+sequence chunks (`losses.chunked_distill_loss`), so no [batch, seq, vocab] float32 logits exist for either model.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fa_jax import losses, lora, optim, run_config
+from fa_jax import sharding as sh
+from fa_jax.checkpoint import Checkpointer, abstract_like
+from fa_jax.embedded import resolve_model_path
+from fa_jax.errors import FaJaxError
+from fa_jax.metrics import MetricsLogger, kd_step_flops, peak_flops_per_device
+from fa_jax.models import transformer
+
+
+def pretrain_defaults() -> dict:
+    """Every key a pretrain config may set, with its default (the seed's setting where it gives one)."""
+    return {
+        "model": {
+            "teacher": "embedded:smollm2-135m-instruct",  # HF directory, .gguf file or embedded:NAME
+            "student": None,  # None: the teacher's weights (made smaller with keep_layers)
+            "keep_layers": None,  # None | "every_other" | [layer indices] of the student
+            "dtype": "float32",  # storage dtype of both models' frozen weights
+            "compute_dtype": None,  # e.g. "bfloat16"; None = the storage dtype
+            "remat": False,  # recompute the student's layers in the backward pass (less activation memory)
+        },
+        "adapter": {"kind": "lora", "rank": 8, "alpha": 16.0, "targets": "all-linear", "dropout": 0.0,
+                    "use_rslora": False, "init": "kaiming"},
+        "loss": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5, "chunk_size": 128},
+        "data": {"train": None, "text_split": "paragraph", "text_field": "text", "seq_len": 256,
+                 "batch_size": 4,  # global rows per step, over all processes
+                 "seed": 0, "on_error": "skip", "streaming": False, "add_bos": True, "add_eos": True},
+        "optim": {"lr": 2e-4, "schedule": "cosine", "warmup_steps": 10, "end_lr_fraction": 0.0, "weight_decay": 0.0,
+                  "b1": 0.9, "b2": 0.999, "clip_norm": 1.0, "grad_accum": 1, "skip_nonfinite": True},
+        "mesh": {"shape": [-1, 1, 1], "rules": None},  # (data, fsdp, tensor); rules: [[logical, mesh axes], ...]
+        "run": {"steps": 100, "out_dir": "runs/pretrain", "seed": 0, "log_every": 10, "save_every": 100,
+                "keep_checkpoints": 3, "async_checkpoint": True, "resume": True, "tensorboard": True,
+                "export_peft": True, "peak_flops": None,
+                "stop_after": None},  # stop (with a checkpoint) after this many steps of this run; resume later
+    }
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+
+def make_loss_fn(student_cfg, teacher_cfg, loss_cfg, compute_dtype=None, dropout=0.0, remat=False):
+    """loss_fn(adapters, student, teacher, batch, normalizer, rng) -> (loss, metrics)."""
+    with_teacher = float(loss_cfg["alpha"]) > 0
+
+    def loss_fn(adapters, student, teacher, batch, normalizer, rng):
+        kw = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], dtype=compute_dtype)
+        h_s = transformer.hidden_states(student_cfg, student, batch["tokens"], adapters, dropout_rate=dropout,
+                                        rng=rng, remat=remat, **kw)
+        h_t = head_t = None
+        if with_teacher:
+            h_t = jax.lax.stop_gradient(transformer.hidden_states(teacher_cfg, teacher, batch["tokens"], **kw))
+            head_t = transformer.lm_head_kernel(teacher_cfg, teacher)
+        return losses.chunked_distill_loss(
+            h_s, transformer.lm_head_kernel(student_cfg, student), h_t, head_t, batch["labels"], batch["mask"],
+            alpha=float(loss_cfg["alpha"]), temperature=float(loss_cfg["temperature"]),
+            divergence=loss_cfg["divergence"], beta=float(loss_cfg["beta"]), chunk_size=int(loss_cfg["chunk_size"]),
+            normalizer=normalizer)
+
+    return loss_fn
+
+
+def make_train_step(loss_fn, optimizer, schedule, grad_accum: int = 1, batch_sharding=None):
+    """step(state, student, teacher, batch) -> (state, metrics). state = {step, adapters, opt_state, rng}.
+
+    With grad_accum > 1 the global batch is split into micro-batches (row i goes to micro-batch i % grad_accum, so
+    each device keeps its own rows); gradients and metrics are summed with the global token count as normalizer,
+    so the update equals the one of the whole batch at once.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, student, teacher, batch):
+        normalizer = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        adapters = state["adapters"]
+        if grad_accum == 1:
+            (_, metrics), grads = grad_fn(adapters, student, teacher, batch, normalizer, rng)
+        else:
+            def split(x):
+                x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+                return x
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                if batch_sharding is not None:
+                    mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
+                (_, m), g = grad_fn(adapters, student, teacher, mb, normalizer, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, m)), None
+
+            zero_g = jax.tree.map(jnp.zeros_like, adapters)
+            zero_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+                lambda: grad_fn(adapters, student, teacher, jax.tree.map(lambda x: x[0], micro), normalizer, rng)[0][1]))
+            (grads, metrics), _ = jax.lax.scan(body, (zero_g, zero_m), (jnp.arange(grad_accum), micro))
+        updates, opt_state = optimizer.update(grads, state["opt_state"], adapters)
+        new_adapters = optax.apply_updates(adapters, updates)
+        mask = lora.trainable_mask(adapters)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = optax.global_norm(jax.tree.map(lambda g, m: g if m else jnp.zeros(()), grads, mask))
+        metrics["lr"] = schedule(state["step"])
+        skipped = optim.nonfinite_count(opt_state)
+        if skipped is not None:
+            metrics["skipped_updates"] = skipped.astype(jnp.float32)
+        return {"step": state["step"] + 1, "adapters": new_adapters, "opt_state": opt_state, "rng": state["rng"]}, metrics
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def load_models(cfg, mesh, rules):
+    """(teacher_cfg, teacher, student_cfg, student, tokenizer), each model sharded by the rule table as it loads."""
+    import fa_jax
+
+    rule_set = sh.Rules(mesh, rules)
+    teacher_path = resolve_model_path(cfg.model.teacher)
+    teacher_cfg, teacher = fa_jax.load_model(teacher_path, dtype=cfg.model.dtype, sharding=rule_set)
+    tokenizer = fa_jax.load_tokenizer(teacher_path)
+    if cfg.model.student in (None, cfg.model.teacher):
+        student_cfg, student = teacher_cfg, teacher  # the same arrays, not a copy
+    else:
+        student_path = resolve_model_path(cfg.model.student)
+        student_cfg, student = fa_jax.load_model(student_path, dtype=cfg.model.dtype, sharding=rule_set)
+        check_same_tokenizer(tokenizer, fa_jax.load_tokenizer(student_path), teacher_path, student_path)
+    if cfg.model.keep_layers is not None:
+        student_cfg, student = transformer.select_layers(student_cfg, student, cfg.model.keep_layers)
+    return teacher_cfg, teacher, student_cfg, student, tokenizer
+
+
+def check_same_tokenizer(t_tok, s_tok, t_path, s_path):
+    """Distillation compares distributions token by token: both models must share the tokenizer. Vocabulary
+    sizes of the weights may still differ by padding rows (the loss uses the shared part)."""
+    tv, sv = t_tok.get_vocab(), s_tok.get_vocab()
+    if tv != sv:
+        diff = sorted(set(tv.items()) ^ set(sv.items()))[:1]
+        raise FaJaxError(f"teacher {t_path} and student {s_path} use different tokenizers ({len(tv)} vs {len(sv)} "
+                         f"tokens; first difference {diff[0] if diff else '?'}): distillation needs one tokenizer")
+
+
+def init_state(cfg, student_cfg, mesh, rules):
+    """The train state {step, adapters, opt_state, rng}, created directly in its sharding."""
+    a = cfg.adapter
+    if a.kind != "lora":
+        raise FaJaxError(f"adapter.kind={a.kind!r}: supported kinds: lora")
+    rng = jax.random.PRNGKey(int(cfg.run.seed))
+    init = functools.partial(lora.init_lora, student_cfg, rank=int(a.rank), alpha=float(a.alpha), targets=a.targets,
+                             use_rslora=bool(a.use_rslora), init=a.init)
+    shapes = jax.eval_shape(init, rng)
+    adapter_sh = sh.tree_shardings(student_cfg, shapes, mesh, rules)
+    adapters = jax.jit(init, out_shardings=adapter_sh)(rng)
+    o = cfg.optim
+    optimizer, schedule = optim.make_optimizer(
+        lora.trainable_mask(adapters), lr=float(o.lr), steps=int(cfg.run.steps), warmup_steps=int(o.warmup_steps),
+        schedule_name=o.schedule, end_lr_fraction=float(o.end_lr_fraction), weight_decay=float(o.weight_decay),
+        b1=float(o.b1), b2=float(o.b2), clip_norm=o.clip_norm, skip_nonfinite=bool(o.skip_nonfinite))
+    rep = sh.replicated(mesh)
+    # Moments follow the adapters' shardings; scalars (counts) are replicated over the mesh.
+    opt_state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+        else jax.device_put(x, rep), jax.jit(optimizer.init)(adapters))
+    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), rep), "adapters": adapters, "opt_state": opt_state,
+             "rng": jax.device_put(jax.random.fold_in(rng, 1), rep)}
+    return state, optimizer, schedule
+
+
+def validate(cfg, mesh=None):
+    if mesh is not None:
+        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        if int(cfg.data.batch_size) % rows:
+            raise FaJaxError(f"data.batch_size={cfg.data.batch_size} must be divisible by the mesh's data x fsdp "
+                             f"size {rows} (mesh.shape={list(cfg.mesh.shape)})")
+    if cfg.data.train is None:
+        raise FaJaxError("data.train is not set: give a text/JSONL/parquet file, a save_to_disk directory, or a list")
+    n_proc = jax.process_count()
+    B, accum = int(cfg.data.batch_size), int(cfg.optim.grad_accum)
+    if B % (n_proc * accum):
+        raise FaJaxError(f"data.batch_size={B} must be divisible by processes x optim.grad_accum = {n_proc * accum}")
+    if not 0.0 <= float(cfg.loss.alpha) <= 1.0:
+        raise FaJaxError(f"loss.alpha={cfg.loss.alpha}: expected a value in [0, 1]")
+    if int(cfg.run.steps) < 1:
+        raise FaJaxError(f"run.steps={cfg.run.steps}: expected at least 1")
+
+
+# --------------------------------------------------------------------------------------------- the data
+
+
+class RowStreams:
+    """Packed batches whose global content does not depend on the number of processes.
+
+    Row r of every global batch comes from its own packed stream over the documents perm[r::B] (B global rows);
+    process p builds only its rows [p * B / P, (p + 1) * B / P) and so reads only their documents. One process with
+    8 devices and two processes with 4 devices each therefore train on identical batches.
+    """
+
+    def __init__(self, documents, tokenizer, *, seq_len: int, global_rows: int, seed: int, **kw):
+        from fa_jax.data import PackedBatches
+
+        P, p = jax.process_count(), jax.process_index()
+        local = global_rows // P
+        self.streams = [PackedBatches(documents, tokenizer, seq_len=seq_len, batch_size=1, seed=seed,
+                                      process_index=r, process_count=global_rows, **kw)
+                        for r in range(p * local, (p + 1) * local)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rows = [next(s) for s in self.streams]
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+    def state(self) -> dict:
+        return {"rows": [s.state() for s in self.streams]}
+
+    def restore(self, state: dict) -> None:
+        if len(state.get("rows", ())) != len(self.streams):
+            raise FaJaxError(f"data position of {len(state.get('rows', ()))} rows cannot resume {len(self.streams)} "
+                             "rows: resume with the same data.batch_size and number of processes")
+        for s, st in zip(self.streams, state["rows"]):
+            s.restore(st)
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+class _Stop:
+    """SIGTERM (preemption) asks the loop to checkpoint and exit at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread: no signal handling
+            self._old = None
+        return self
+
+    def _handler(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def pretrain(cfg, batches=None) -> dict:
+    """Run (or resume) pre-training as `cfg` says; returns a summary dict (also written to out_dir/summary.json).
+
+    `batches`: an iterator of local batches to use instead of building one from cfg.data (tests).
+    """
+    from fa_jax import data as data_lib
+
+    cfg = run_config.wrap(cfg)
+    mesh = sh.make_mesh(cfg.mesh.shape)
+    if batches is None:
+        validate(cfg, mesh)
+    out_dir = os.path.abspath(cfg.run.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        run_config.dump(cfg, os.path.join(out_dir, "config.json"))
+    rules = tuple(tuple(r) for r in cfg.mesh.rules) if cfg.mesh.rules else sh.DEFAULT_RULES
+    teacher_cfg, teacher, student_cfg, student, tokenizer = load_models(cfg, mesh, rules)
+    state, optimizer, schedule = init_state(cfg, student_cfg, mesh, rules)
+
+    batch_sh = sh.batch_sharding(mesh, rules)
+    loss_fn = make_loss_fn(student_cfg, teacher_cfg, cfg.loss, cfg.model.compute_dtype, float(cfg.adapter.dropout),
+                           bool(cfg.model.remat))
+    traces = []
+
+    def counted(*args):
+        traces.append(1)  # runs at trace time only: the count of compilations
+        return make_train_step(loss_fn, optimizer, schedule, int(cfg.optim.grad_accum), batch_sh)(*args)
+
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(counted, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, student),
+                                             jax.tree.map(lambda x: x.sharding, teacher), batch_sh),
+                      out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,))
+
+    if batches is None:
+        d = cfg.data
+        docs = data_lib.load_documents(d.train, split=d.text_split, text_field=d.text_field, on_error=d.on_error,
+                                       streaming=bool(d.streaming))
+        batches = RowStreams(docs, tokenizer, seq_len=int(d.seq_len), global_rows=int(d.batch_size), seed=int(d.seed),
+                             add_bos=d.add_bos, add_eos=d.add_eos, on_error=d.on_error, streaming=bool(d.streaming),
+                             split=d.text_split, text_field=d.text_field)
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=int(cfg.run.keep_checkpoints),
+                        async_save=bool(cfg.run.async_checkpoint))
+    start = 0
+    if cfg.run.resume and ckpt.latest_step() is not None:
+        start, state, data_state = ckpt.restore(abstract_like(state))
+        if data_state is not None and hasattr(batches, "restore"):
+            batches.restore(data_state)
+        print(f"resumed from step {start} ({ckpt.directory})")
+    steps = int(cfg.run.steps)
+    stop_at = steps if cfg.run.stop_after is None else min(steps, start + int(cfg.run.stop_after))
+    logger = MetricsLogger(out_dir, steps, start, tensorboard=bool(cfg.run.tensorboard), desc="pretrain")
+    n_tokens = int(cfg.data.batch_size) * int(cfg.data.seq_len)
+    flops = kd_step_flops(transformer.count_params(student_cfg), transformer.count_params(teacher_cfg), n_tokens,
+                          with_teacher=float(cfg.loss.alpha) > 0)
+    peak = peak_flops_per_device(cfg.run.peak_flops)
+    pending, t_last, n_since, last = [], None, 0, {}
+    step = start
+    with _Stop() as stop:
+        while step < stop_at:
+            local = next(batches)
+            batch = {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(local[k]))
+                     for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
+            state, metrics = step_fn(state, student, teacher, batch)
+            step += 1
+            pending.append(metrics)
+            logger.advance()
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                t_last, n_since = time.perf_counter(), 0  # the first step includes compilation: not timed
+                pending = []
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                logger.log(step, last)
+            else:
+                n_since += 1
+            if pending and (step % int(cfg.run.log_every) == 0 or step == stop_at):
+                fetched = jax.device_get(pending)
+                now = time.perf_counter()
+                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                last["tokens_per_s"] = n_since * n_tokens / max(now - t_last, 1e-9)
+                if peak:
+                    last["mfu"] = last["tokens_per_s"] / n_tokens * flops / (peak * jax.device_count())
+                logger.log(step, last)
+                pending, t_last, n_since = [], now, 0
+            if stop.requested or (int(cfg.run.save_every) and step % int(cfg.run.save_every) == 0):
+                ckpt.save(step, state, batches.state() if hasattr(batches, "state") else None)
+            if stop.requested:
+                print(f"SIGTERM: checkpoint saved at step {step}, exiting")
+                break
+    if step == stop_at and ckpt.latest_step() != step:
+        ckpt.save(step, state, batches.state() if hasattr(batches, "state") else None, force=True)
+    ckpt.close()
+    plot = logger.close()
+    summary = {"step": step, "steps": steps, "out_dir": out_dir, "metrics": last, "compilations": len(traces),
+               "checkpoints": ckpt.directory, "loss_curve": plot}
+    if step >= steps and cfg.run.export_peft:
+        summary["peft_adapter"] = export_peft(student_cfg, state["adapters"], os.path.join(out_dir, "adapter_peft"),
+                                              cfg)
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    summary["adapters"] = state["adapters"]
+    return summary
+
+
+def export_peft(student_cfg, adapters, out_dir, cfg) -> str:
+    """The adapters as a PEFT LoRA directory (gathered to the host; written by process 0)."""
+    from jax.experimental import multihost_utils
+
+    from fa_jax.io.peft import save_peft
+
+    host = multihost_utils.process_allgather(adapters, tiled=True) if jax.process_count() > 1 else adapters
+    if jax.process_index() == 0:
+        save_peft(student_cfg, jax.device_get(host), out_dir, use_rslora=bool(cfg.adapter.use_rslora),
+                  base_model_name_or_path=cfg.model.student or cfg.model.teacher, overwrite=True)
+    return out_dir

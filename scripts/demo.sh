@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The placeholder demo, end to end: set up .venv (first run only), fetch English prose (first run only), then
+# load the embedded SmolLM2-135M-Instruct GGUF with fa_jax, answer a question greedily and measure perplexity.
+#   bash scripts/demo.sh                          # prose from Debian's jargon-text package
+#   TEXT=/path/to/file.txt bash scripts/demo.sh   # any English text instead (no apt needed)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"  # also cds to the repository root
+
+if [ -z "${TEXT:-}" ]; then
+  TEXT="$(bash scripts/fetch_text.sh)"
+fi
+# 2 MB pages for XLA's large CPU scratch buffers: far fewer page faults, a faster forward on CPU.
+export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}"
+exec .venv/bin/python scripts/demo.py --text "$TEXT" "$@"

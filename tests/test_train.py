@@ -1,0 +1,161 @@
+"""Foundation-adapter pre-training on tiny models: the step's numbers, sharding invariance, one compilation,
+resume equality, SIGTERM, and the command line."""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+import fa_jax
+from fa_jax import data, losses, run_config, train
+from fa_jax.models import transformer
+from helpers import save_hf_model, save_tiny_tokenizer, write_corpus
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    save_hf_model("llama3", root / "teacher")
+    save_tiny_tokenizer(root / "teacher")
+    corpus = write_corpus(root / "corpus.txt", n_docs=80, max_words=24)
+    return root, corpus
+
+
+def _cfg(root, corpus, out, **over):
+    base = {"model": {"teacher": str(root / "teacher"), "keep_layers": [0]},
+            "adapter": {"rank": 4, "alpha": 8.0},
+            "loss": {"chunk_size": 8},
+            "data": {"train": corpus, "seq_len": 16, "batch_size": 8},
+            "optim": {"lr": 1e-2, "warmup_steps": 2},
+            "run": {"steps": 4, "out_dir": str(out), "log_every": 1, "save_every": 2, "async_checkpoint": False,
+                    "tensorboard": True}}
+    cfg = run_config.merge(train.pretrain_defaults(), base, "test")
+    return run_config.apply_overrides(cfg, [f"{k}={v!r}" for k, v in over.items()])
+
+
+def _losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))]
+
+
+def test_first_step_loss_equals_reference(setup, tmp_path):
+    """The jitted, chunked step's first loss equals distill_loss on full logits of the untrained student."""
+    root, corpus = setup
+    cfg = _cfg(root, corpus, tmp_path / "run", **{"run.steps": 1})
+    batches = train.RowStreams(data.load_documents(corpus), fa_jax.load_tokenizer(str(root / "teacher")),
+                               seq_len=16, global_rows=8, seed=0, add_bos=True, add_eos=True)
+    first = next(iter(train.RowStreams(data.load_documents(corpus),
+                                       fa_jax.load_tokenizer(str(root / "teacher")), seq_len=16, global_rows=8,
+                                       seed=0, add_bos=True, add_eos=True)))
+    summary = train.pretrain(cfg, batches=batches)
+    t_cfg, t_params = fa_jax.load_model(str(root / "teacher"))
+    s_cfg, s_params = transformer.select_layers(t_cfg, t_params, [0])
+    kw = dict(segment_ids=first["segment_ids"], positions=first["positions"])
+    ref, _ = losses.distill_loss(fa_jax.forward(s_cfg, s_params, first["tokens"], **kw),
+                                 fa_jax.forward(t_cfg, t_params, first["tokens"], **kw),
+                                 first["labels"], first["mask"], alpha=0.5)
+    assert summary["metrics"]["loss"] == pytest.approx(float(ref), rel=1e-5)
+    assert first["mask"].sum() > 50 and (first["mask"] == 0).any()
+
+
+def test_same_numbers_on_1_and_8_devices_and_one_compilation(setup, tmp_path):
+    root, corpus = setup
+    runs = {}
+    for name, shape in (("one", [1, 1, 1]), ("2x4", [2, 4, 1]), ("1x8", [1, 8, 1]), ("tp", [2, 2, 2])):
+        summary = train.pretrain(_cfg(root, corpus, tmp_path / name, **{"mesh.shape": shape}))
+        assert summary["compilations"] == 1
+        runs[name] = _losses(tmp_path / name)
+    assert len(runs["one"]) == 4
+    for name in ("2x4", "1x8", "tp"):
+        np.testing.assert_allclose([l for _, l in runs[name]], [l for _, l in runs["one"]], rtol=1e-5)
+
+
+def test_adapter_learns_a_repeated_batch(setup, tmp_path):
+    root, corpus = setup
+    inner = train.RowStreams(data.load_documents(corpus), fa_jax.load_tokenizer(str(root / "teacher")), seq_len=16,
+                             global_rows=8, seed=0, add_bos=True, add_eos=True)
+    batch = next(inner)
+
+    class Same:
+        def __next__(self):
+            return batch
+
+    train.pretrain(_cfg(root, corpus, tmp_path / "run", **{"run.steps": 15, "optim.warmup_steps": 0,
+                                                            "optim.lr": 0.05, "run.save_every": 0}), batches=Same())
+    curve = [l for _, l in _losses(tmp_path / "run")]
+    # The tiny random model's head (std 0.02) bounds how far any adapter can move its logits: a few % is a lot.
+    assert curve[-1] < 0.97 * curve[0] and curve[1] < curve[0], curve
+
+
+def test_grad_accumulation_gives_the_same_update(setup, tmp_path):
+    root, corpus = setup
+    a = train.pretrain(_cfg(root, corpus, tmp_path / "a", **{"run.steps": 2}))
+    b = train.pretrain(_cfg(root, corpus, tmp_path / "b", **{"run.steps": 2, "optim.grad_accum": 4}))
+    np.testing.assert_allclose([l for _, l in _losses(tmp_path / "b")], [l for _, l in _losses(tmp_path / "a")],
+                               rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(a["adapters"]), jax.tree.leaves(b["adapters"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    root, corpus = setup
+    train.pretrain(_cfg(root, corpus, tmp_path / "straight", **{"run.steps": 6}))
+    first = train.pretrain(_cfg(root, corpus, tmp_path / "resumed", **{"run.steps": 6, "run.stop_after": 3}))
+    assert first["step"] == 3 and "peft_adapter" not in first
+    second = train.pretrain(_cfg(root, corpus, tmp_path / "resumed", **{"run.steps": 6}))
+    assert second["step"] == 6
+    straight = dict(_losses(tmp_path / "straight"))
+    resumed = dict(_losses(tmp_path / "resumed"))
+    assert sorted(resumed) == list(range(1, 7))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 7)], [straight[s] for s in range(1, 7)], rtol=1e-6)
+    # the exported adapter is a PEFT directory that loads back
+    s_cfg, _ = transformer.select_layers(*fa_jax.load_model(str(root / "teacher")), [0])
+    ad = fa_jax.load_peft(s_cfg, str(tmp_path / "resumed" / "adapter_peft"))
+    for x, y in zip(jax.tree.leaves(ad), jax.tree.leaves(second["adapters"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+    assert os.path.exists(tmp_path / "straight" / "loss_curve.png")
+    assert os.listdir(tmp_path / "straight" / "tensorboard")
+
+
+def test_sigterm_saves_and_exits(setup, tmp_path):
+    root, corpus = setup
+    cfg = _cfg(root, corpus, tmp_path / "run", **{"run.steps": 50, "run.save_every": 0})
+    inner = train.RowStreams(data.load_documents(corpus), fa_jax.load_tokenizer(str(root / "teacher")),
+                             seq_len=16, global_rows=8, seed=0, add_bos=True, add_eos=True)
+
+    class Preempted:
+        count = 0
+
+        def __next__(self):
+            self.count += 1
+            if self.count == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return next(inner)
+
+        def state(self):
+            return inner.state()
+
+    summary = train.pretrain(cfg, batches=Preempted())
+    assert summary["step"] == 3
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[0] == "3"
+    resumed = train.pretrain(run_config.apply_overrides(cfg, ["run.steps=4"]))
+    assert resumed["step"] == 4
+
+
+def test_cli_pretrain_and_unknown_key(setup, tmp_path, capsys):
+    from fa_jax.cli import main
+
+    root, corpus = setup
+    conf = tmp_path / "conf.py"
+    conf.write_text("def get_config():\n    return {'model': {'teacher': %r, 'keep_layers': 'every_other'},\n"
+                    "            'data': {'train': %r, 'seq_len': 16, 'batch_size': 8}}\n" % (str(root / "teacher"), corpus))
+    out = tmp_path / "cli_run"
+    assert main(["pretrain", "--config", str(conf), "run.steps=2", f"run.out_dir={out}", "loss.alpha=0.0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert os.path.exists(out / "adapter_peft" / "adapter_config.json")
+    assert main(["pretrain", "--config", str(conf), "optim.learning_rate=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim.learning_rate'" in err and err.count("\n") == 1
+    assert main(["pretrain", "--config", str(conf), "data.batch_size=4"]) == 2  # 8 devices
+    assert "data.batch_size=4 must be divisible by the mesh's data x fsdp size 8" in capsys.readouterr().err
