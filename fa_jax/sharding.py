@@ -95,7 +95,8 @@ def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
 
 
 def tree_shardings(config, tree, mesh: Mesh, rules=DEFAULT_RULES):
-    """Shardings for a params-shaped or adapter-shaped tree (same nesting as the base params).
+    """Shardings for a params-shaped or adapter-shaped tree (same nesting as the base params), or a tree that
+    nests one (an optimizer state).
 
     LoRA `lora_A` [in, r] follows the kernel's input axis, `lora_B` [r, out] its output axis; anything else at a
     module path without a rule (scalars, vectors of adapters) is replicated.
@@ -105,7 +106,12 @@ def tree_shardings(config, tree, mesh: Mesh, rules=DEFAULT_RULES):
     specs = param_specs(config)
 
     def one(path, leaf):
-        keys = [getattr(k, "key", str(k)) for k in path]
+        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        # Optimizer states nest the adapter tree (e.g. inner_state.0.mu.model.layers...): match from its root.
+        for root in ("model", "lm_head"):
+            if root in keys:
+                keys = keys[keys.index(root):]
+                break
         dotted = ".".join(keys)
         shape = getattr(leaf, "shape", ())
         if dotted in specs:

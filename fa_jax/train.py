@@ -176,11 +176,10 @@ def init_state(cfg, student_cfg, mesh, rules):
         b1=float(o.b1), b2=float(o.b2), clip_norm=o.clip_norm, skip_nonfinite=bool(o.skip_nonfinite))
     rep = sh.replicated(mesh)
     # Moments follow the adapters' shardings; scalars (counts) are replicated over the mesh.
-    opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
-        else jax.device_put(x, rep), jax.jit(optimizer.init)(adapters))
-    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), rep), "adapters": adapters, "opt_state": opt_state,
-             "rng": jax.device_put(jax.random.fold_in(rng, 1), rep)}
+    opt_sh = sh.tree_shardings(student_cfg, jax.eval_shape(optimizer.init, adapters), mesh, rules)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(adapters)
+    step0, key = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 1)), out_shardings=(rep, rep))()
+    state = {"step": step0, "adapters": adapters, "opt_state": opt_state, "rng": key}
     return state, optimizer, schedule
 
 
