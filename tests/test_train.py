@@ -159,3 +159,36 @@ def test_cli_pretrain_and_unknown_key(setup, tmp_path, capsys):
     assert "unknown config key 'optim.learning_rate'" in err and err.count("\n") == 1
     assert main(["pretrain", "--config", str(conf), "data.batch_size=4"]) == 2  # 8 devices
     assert "data.batch_size=4 must be divisible by the mesh's data x fsdp size 8" in capsys.readouterr().err
+
+
+def _teacher_with_padded_vocab(path, vocab=264):
+    """A bigger teacher (3 layers, hidden 96) whose embedding has padding rows beyond the shared tokenizer."""
+    import torch
+    import transformers
+
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
+
+
+def test_teacher_of_another_size_with_padded_vocab(setup, tmp_path):
+    root, corpus = setup
+    _teacher_with_padded_vocab(tmp_path / "big")
+    save_tiny_tokenizer(tmp_path / "big")
+    cfg = _cfg(root, corpus, tmp_path / "run", **{"run.steps": 2, "model.teacher": str(tmp_path / "big"),
+                                                  "model.student": str(root / "teacher"), "model.keep_layers": None})
+    summary = train.pretrain(cfg)
+    assert summary["step"] == 2 and np.isfinite(summary["metrics"]["kd"]) and summary["metrics"]["kd"] > 0
+
+
+def test_tokenizer_mismatch_is_an_error_before_training(setup, tmp_path):
+    root, corpus = setup
+    _teacher_with_padded_vocab(tmp_path / "other")
+    save_tiny_tokenizer(tmp_path / "other", vocab_size=40)  # a different vocabulary
+    cfg = _cfg(root, corpus, tmp_path / "run", **{"model.teacher": str(tmp_path / "other"),
+                                                  "model.student": str(root / "teacher"), "model.keep_layers": None})
+    with pytest.raises(fa_jax.FaJaxError, match="use different tokenizers"):
+        train.pretrain(cfg)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
