@@ -1,0 +1,273 @@
+"""Model arithmetic on parameter trees (RE-Adapt): differences, truncated SVD to LoRA form, merges.
+
+All functions are pure: they return new trees and never modify their inputs.
+
+    delta = difference(instruct, base)                      # the RE-Adapter, full rank
+    lore, report = truncate(delta, tau=0.5)                 # LoRE-Adapter: per matrix, smallest rank reaching tau
+    params = merge(base, [(knowledge, 0.5), (delta, 0.5)])  # partial adaptation
+
+An adapter tree mixes two kinds of entries at base-parameter paths: dense deltas (a leaf with the base's name:
+`kernel`, `bias`, `weight`, `embedding`) and LoRA modules (`{"lora_A", "lora_B", "scale"}` at a module path,
+delta = scale * A @ B). `merge` accepts either, and any mix, per module.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fa_jax import lora as lora_lib
+from fa_jax.errors import FaJaxError
+from fa_jax.tree import flatten, unflatten
+
+MATRIX_LEAF = "kernel"  # linear layers; embeddings and norms are not decomposed
+
+
+def _is_matrix(path: str, x) -> bool:
+    return path.endswith("." + MATRIX_LEAF) and x.ndim == 2 and path != "lm_head.kernel"
+
+
+def difference(tuned, base, linear_only: bool = False):
+    """Leaf-wise `tuned - base` (in float32 for non-float32 leaves). Both trees must have the same paths, shapes
+    and dtypes; a mismatch names the parameter path. `linear_only` keeps only the linear-layer matrices."""
+    ft, fb = flatten(tuned), flatten(base)
+    missing = sorted(set(fb) ^ set(ft))
+    if missing:
+        side = "tuned" if missing[0] in fb else "base"
+        raise FaJaxError(f"difference: {missing[0]} is missing from the {side} tree (the trees differ in structure)")
+    out = {}
+    for p, b in fb.items():
+        t = ft[p]
+        if tuple(t.shape) != tuple(b.shape):
+            raise FaJaxError(f"difference: {p} has shape {list(t.shape)} in tuned and {list(b.shape)} in base")
+        if t.dtype != b.dtype:
+            raise FaJaxError(f"difference: {p} has dtype {t.dtype} in tuned and {b.dtype} in base")
+        if linear_only and not _is_matrix(p, b):
+            continue
+        dt = jnp.float32 if t.dtype != jnp.float64 else t.dtype
+        out[p] = jnp.asarray(t, dt) - jnp.asarray(b, dt)
+    return unflatten(out)
+
+
+def rank_for_tau(s, tau: float) -> int:
+    """Smallest k with sum(s[:k]**2) / sum(s**2) >= tau (0 when all singular values are 0)."""
+    energy = np.asarray(s, np.float64) ** 2
+    total = energy.sum()
+    if total == 0:
+        return 0
+    ratio = np.cumsum(energy) / total
+    return int(min(np.searchsorted(ratio, tau - 1e-12) + 1, len(energy)))
+
+
+def lowrank_svd(A, B):
+    """SVD of A @ B for A [I, R], B [R, O] without forming the product: QR of both factors and an R x R SVD.
+
+    Returns (U [I, R], s [R], Vt [R, O]) with A @ B = U diag(s) Vt, the same singular values as the dense SVD."""
+    qa, ra = jnp.linalg.qr(A.astype(jnp.float32))
+    qb, rb = jnp.linalg.qr(B.astype(jnp.float32).T)
+    u, s, vt = jnp.linalg.svd(ra @ rb.T, full_matrices=False)
+    return qa @ u, s, (qb @ vt.T).T
+
+
+def randomized_svd(M, k: int, oversample: int = 10, power_iters: int = 2, seed: int = 0):
+    """Approximate top-k SVD of M [I, O] (Halko et al.): a random range finder with `power_iters` power
+    iterations. Returns (U [I, k], s [k], Vt [k, O])."""
+    M = jnp.asarray(M, jnp.float32)
+    p = min(k + oversample, min(M.shape))
+    omega = jax.random.normal(jax.random.PRNGKey(seed), (M.shape[1], p), jnp.float32)
+    q, _ = jnp.linalg.qr(M @ omega)
+    for _ in range(power_iters):
+        q, _ = jnp.linalg.qr(M.T @ q)
+        q, _ = jnp.linalg.qr(M @ q)
+    u, s, vt = jnp.linalg.svd(q.T @ M, full_matrices=False)
+    return (q @ u)[:, :k], s[:k], vt[:k]
+
+
+def _factors(u, s, vt, k):
+    """A = U_k sqrt(s_k), B = sqrt(s_k) Vt_k: the singular values shared evenly between the two factors."""
+    r = jnp.sqrt(s[:k])
+    return u[:, :k] * r[None, :], r[:, None] * vt[:k]
+
+
+def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_matrix: bool = True,
+             method: str = "exact", **randomized_kw):
+    """Per-matrix truncated SVD of an adapter tree, in LoRA form. Returns (lore, report).
+
+    Give exactly one of `tau` (keep the smallest k whose explained variance sum(s[:k]**2) / sum(s**2) reaches tau,
+    0 < tau <= 1) or `rank` (k = min(rank, full rank)). Matrices are the linear layers' dense deltas (`kernel`)
+    and LoRA modules (decomposed through `lowrank_svd`, never formed densely). Each becomes
+    {"lora_A": [I, k], "lora_B": [k, O], "scale": 1}; a matrix whose k is 0 is left out. Non-matrix leaves (norms,
+    biases, embeddings) stay dense when `keep_non_matrix`, else are dropped. Same-shaped dense matrices are
+    decomposed together (one batched SVD). All in float32 whatever the storage dtype. `method="randomized"`
+    (with `rank`) uses `randomized_svd` for very large matrices.
+
+    report: {"modules": {path: {"rank", "full_rank", "shape", "explained", "params", "dense_params", "spectrum"}},
+             "params": total LoRA params, "dense_params": total of the dense matrices, "share": their ratio}.
+    """
+    if (tau is None) == (rank is None):
+        raise FaJaxError("truncate: give exactly one of tau or rank")
+    if tau is not None and not (0.0 < float(tau) <= 1.0):
+        raise FaJaxError(f"truncate: tau={tau} is outside (0, 1]")
+    if rank is not None and int(rank) < 1:
+        raise FaJaxError(f"truncate: rank={rank} is below 1")
+    if method not in ("exact", "randomized"):
+        raise FaJaxError(f"truncate: method={method!r} (expected 'exact' or 'randomized')")
+    if method == "randomized" and rank is None:
+        raise FaJaxError("truncate: method='randomized' needs rank (its spectrum is partial, so tau is undefined)")
+
+    flat = flatten(delta)
+    out: dict = {}
+    svds: dict[str, tuple] = {}
+    dense_groups: dict[tuple, list[str]] = {}
+    for path, ad in lora_lib.iter_modules(delta):
+        u, s, vt = lowrank_svd(ad["lora_A"] * ad["scale"].astype(jnp.float32), ad["lora_B"])
+        svds[path] = (u, s, vt)
+    lora_leaves = {f"{p}.{k}" for p, _ in lora_lib.iter_modules(delta) for k in ("lora_A", "lora_B", "scale")}
+    for p, x in flat.items():
+        if p in lora_leaves:
+            continue
+        if _is_matrix(p, x):
+            dense_groups.setdefault(tuple(x.shape), []).append(p)
+        elif keep_non_matrix:
+            out[p] = x
+    for shape, paths in dense_groups.items():
+        if method == "randomized":
+            for p in paths:
+                svds[p[: -len(MATRIX_LEAF) - 1]] = randomized_svd(flat[p], int(rank), **randomized_kw)
+            continue
+        stacked = jnp.stack([jnp.asarray(flat[p], jnp.float32) for p in paths])
+        u, s, vt = jnp.linalg.svd(stacked, full_matrices=False)
+        for i, p in enumerate(paths):
+            svds[p[: -len(MATRIX_LEAF) - 1]] = (u[i], s[i], vt[i])
+    modules, total, dense_total = {}, 0, 0
+    for path in sorted(svds):
+        u, s, vt = svds[path]
+        s_np = np.asarray(s)
+        full = int(np.sum(s_np > 0))
+        k = rank_for_tau(s_np, float(tau)) if tau is not None else min(int(rank), len(s_np))
+        d_in, d_out = u.shape[0], vt.shape[1]
+        energy = s_np.astype(np.float64) ** 2
+        modules[path] = {"rank": k, "full_rank": full, "shape": [d_in, d_out],
+                         "explained": float(energy[:k].sum() / energy.sum()) if energy.sum() else 1.0,
+                         "params": k * (d_in + d_out), "dense_params": d_in * d_out, "spectrum": s_np}
+        total += k * (d_in + d_out)
+        dense_total += d_in * d_out
+        if k:
+            a, b = _factors(u, s, vt, k)
+            out[f"{path}.lora_A"], out[f"{path}.lora_B"] = a, b
+            out[f"{path}.scale"] = jnp.ones((), jnp.float32)
+    report = {"modules": modules, "params": total, "dense_params": dense_total,
+              "share": total / dense_total if dense_total else 0.0}
+    return unflatten(out), report
+
+
+def to_dense(adapter):
+    """Every LoRA module of an adapter tree as a dense delta (`kernel` = scale * A @ B); dense leaves unchanged."""
+    flat = flatten(adapter)
+    out = {}
+    modules = dict(lora_lib.iter_modules(adapter))
+    for path, ad in modules.items():
+        out[f"{path}.kernel"] = ad["scale"].astype(jnp.float32) * (ad["lora_A"].astype(jnp.float32)
+                                                                   @ ad["lora_B"].astype(jnp.float32))
+    skip = {f"{p}.{k}" for p in modules for k in ("lora_A", "lora_B", "scale")}
+    for p, x in flat.items():
+        if p not in skip:
+            if p in out:
+                out[p] = out[p] + x.astype(jnp.float32)
+            else:
+                out[p] = x
+    return unflatten(out)
+
+
+def merge(base, adapters):
+    """`base + sum(scale_i * delta_i)` for [(adapter, scale), ...]; each adapter's deltas are added separately, so
+    there are no cross terms between different adapters' A and B. Leaves keep the base's dtype (the sum is formed in
+    float32). `unmerge` is the same call with negative scales."""
+    flat = flatten(base)
+    acc: dict[str, jnp.ndarray] = {}
+    for i, (adapter, scale) in enumerate(adapters):
+        for p, d in flatten(to_dense(adapter)).items():
+            if p not in flat:
+                raise FaJaxError(f"merge: adapter {i} has {p}, which the base model does not have")
+            if tuple(d.shape) != tuple(flat[p].shape):
+                raise FaJaxError(f"merge: adapter {i} has {p} of shape {list(d.shape)}, the base has "
+                                 f"{list(flat[p].shape)}")
+            term = float(scale) * d.astype(jnp.float32)
+            acc[p] = acc[p] + term if p in acc else term
+    out = dict(flat)
+    for p, d in acc.items():
+        out[p] = (flat[p].astype(jnp.float32) + d).astype(flat[p].dtype)
+    return unflatten(out)
+
+
+def unmerge(merged, adapters):
+    """Undo `merge(base, adapters)` (up to rounding): the same call with negated scales."""
+    return merge(merged, [(a, -float(s)) for a, s in adapters])
+
+
+def subspace_similarity(A1, A2, i: int, j: int) -> float:
+    """Normalized overlap of the top-i and top-j singular directions of two adapters' A matrices [in, r]:
+    ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), in [0, 1] (1: one subspace contains the other)."""
+    u1 = np.linalg.svd(np.asarray(A1, np.float64), full_matrices=False)[0]
+    u2 = np.linalg.svd(np.asarray(A2, np.float64), full_matrices=False)[0]
+    if not (1 <= i <= u1.shape[1] and 1 <= j <= u2.shape[1]):
+        raise FaJaxError(f"subspace_similarity: i={i}, j={j} must be within the ranks {u1.shape[1]}, {u2.shape[1]}")
+    return float(np.linalg.norm(u1[:, :i].T @ u2[:, :j]) ** 2 / min(i, j))
+
+
+def plot_subspace_similarity(A1, A2, path: str, labels=("A1", "A2"), title: str = "subspace similarity") -> str:
+    """Heat map of subspace_similarity(A1, A2, i, j) over all i, j (as in the LoRA paper's rank study), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r1, r2 = min(np.shape(A1)), min(np.shape(A2))
+    grid = np.array([[subspace_similarity(A1, A2, i, j) for j in range(1, r2 + 1)] for i in range(1, r1 + 1)])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    im = ax.imshow(grid, origin="lower", vmin=0, vmax=1, cmap="viridis",
+                   extent=(0.5, r2 + 0.5, 0.5, r1 + 0.5), aspect="auto")
+    ax.set_xlabel(f"j (top directions of {labels[1]})")
+    ax.set_ylabel(f"i (top directions of {labels[0]})")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_explained_variance(report, path: str, modules=None, taus=(0.25, 0.5, 0.75, 0.9)) -> str:
+    """Cumulative explained variance against rank for a few matrices (RE-Adapt Figure 2), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = modules or sorted(report["modules"])[:: max(1, len(report["modules"]) // 6)][:6]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        s = np.asarray(report["modules"][name]["spectrum"], np.float64)
+        if not (s ** 2).sum():
+            continue
+        ax.plot(np.arange(1, len(s) + 1), np.cumsum(s ** 2) / (s ** 2).sum(), label=name)
+    for t in taus:
+        ax.axhline(t, color="grey", lw=0.5, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("explained variance")
+    ax.set_title("explained variance of the adapter's matrices")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def param_share_curve(spectra: dict, taus) -> list[float]:
+    """LoRE parameter count / dense parameter count for each tau, from {path: (singular values, (I, O))}."""
+    out = []
+    dense = sum(i * o for _, (i, o) in spectra.values())
+    for tau in taus:
+        out.append(sum(rank_for_tau(s, tau) * (i + o) for s, (i, o) in spectra.values()) / dense)
+    return out
