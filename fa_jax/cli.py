@@ -3,6 +3,9 @@
     fa-jax info PATH                      # architecture and parameter count of an HF directory or .gguf file
     fa-jax convert PATH OUT_DIR           # HF directory or .gguf file -> HF directory (safetensors + tokenizer)
     fa-jax pretrain --config FILE [key=value ...]   # foundation-adapter pre-training (KD + LM)
+    fa-jax diff --base DIR --tuned DIR --out DIR    # RE-Adapter = tuned - base
+    fa-jax truncate --delta DIR (--tau 0.5 | --rank 64) --out DIR   # LoRE-Adapter (PEFT LoRA directory)
+    fa-jax merge --base DIR --adapter DIR[:SCALE] ... --out DIR   # partial adaptation -> HF directory
 
 User mistakes are reported as one line on stderr with exit status 2; no traceback.
 """
@@ -63,6 +66,41 @@ def _pretrain(args) -> None:
           + (", adapter_peft/)" if "peft_adapter" in summary else ")"))
 
 
+def _diff(args) -> None:
+    from fa_jax import readapt
+
+    readapt.diff(args.base, args.tuned, args.out, linear_only=args.linear_only, overwrite=args.overwrite)
+    print(f"wrote {os.path.abspath(args.out)} (RE-Adapter: tuned - base, float32, Hugging Face tensor names)")
+
+
+def _truncate(args) -> None:
+    from fa_jax import readapt
+
+    report = readapt.truncate(args.delta, args.out, tau=args.tau, rank=args.rank, overwrite=args.overwrite,
+                              base_config=args.base_config)
+    print(readapt.rank_table(report))
+    print(f"wrote {os.path.abspath(args.out)} (PEFT LoRA directory, lore_report.json, "
+          f"explained_variance.png, param_share_vs_tau.png)")
+
+
+def _parse_adapter(text: str):
+    path, _, scale = text.rpartition(":")
+    if not path or not scale:
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        return text, 1.0  # a ':' inside the path, no scale
+
+
+def _merge(args) -> None:
+    from fa_jax import readapt
+
+    adapters = [_parse_adapter(a) for a in args.adapter]
+    readapt.merge(args.base, adapters, args.out, overwrite=args.overwrite, dtype=args.dtype)
+    print(f"wrote {os.path.abspath(args.out)} = base + " + " + ".join(f"{s:g} * {p}" for p, s in adapters))
+
+
 def _add_run_args(s) -> None:
     s.add_argument("--config", help="Python config file defining get_config() (see configs/)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -86,6 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain", help="pre-train a foundation adapter (KD from a teacher + LM on text)")
     _add_run_args(s)
     s.set_defaults(fn=_pretrain)
+    s = sub.add_parser("diff", help="RE-Adapter: the difference tuned - base, tensor by tensor")
+    s.add_argument("--base", required=True, help="the pretrained model (HF directory)")
+    s.add_argument("--tuned", required=True, help="the instruction-tuned model (HF directory, same architecture)")
+    s.add_argument("--out", required=True, help="output directory (safetensors with the HF names)")
+    s.add_argument("--linear-only", action="store_true", help="keep only the linear layers' matrices")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_diff)
+    s = sub.add_parser("truncate", help="LoRE-Adapter: per-matrix truncated SVD of an RE-Adapter, as PEFT LoRA")
+    s.add_argument("--delta", required=True, help="an RE-Adapter directory (fa-jax diff) or a PEFT LoRA directory")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tau", type=float, help="explained-variance threshold in (0, 1], e.g. 0.5")
+    g.add_argument("--rank", type=int, help="a fixed rank per matrix")
+    s.add_argument("--out", required=True, help="output PEFT directory")
+    s.add_argument("--base-config", help="base model directory, when --delta is a PEFT adapter")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_truncate)
+    s = sub.add_parser("merge", help="partial adaptation: base + sum of scaled adapters, as an HF directory")
+    s.add_argument("--base", required=True, help="the base model (HF directory)")
+    s.add_argument("--adapter", action="append", required=True, metavar="DIR[:SCALE]",
+                   help="an RE-Adapter, PEFT LoRA/LoRE directory or fa_jax run, with its scale (default 1)")
+    s.add_argument("--out", required=True, help="output HF directory")
+    s.add_argument("--dtype", help="storage dtype of the output (default: the base's)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_merge)
     return p
 
 

@@ -1,0 +1,297 @@
+"""RE-Adapt on checkpoint directories, streaming tensor by tensor (`fa-jax diff | truncate | merge`).
+
+Host memory stays near the largest tensors in flight, not the model size: each output tensor is computed from the
+input tensors of the same name when it is written, and only LoRA factors (small) are held whole.
+
+    fa-jax diff --base DIR --tuned DIR --out DELTA          # RE-Adapter: tuned - base, as safetensors (HF names)
+    fa-jax truncate --delta DELTA --tau 0.5 --out LORE      # LoRE-Adapter: a PEFT LoRA directory
+    fa-jax merge --base DIR --adapter A:0.5 --adapter B:0.5 --out MERGED   # partial adaptation, an HF directory
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from fa_jax import config as config_lib
+from fa_jax import lora as lora_lib
+from fa_jax import treemath
+from fa_jax.errors import FaJaxError
+from fa_jax.io import hf, peft
+from fa_jax.io.atomic import atomic_dir
+from fa_jax.io.safetensors import write
+from fa_jax.tree import flatten
+
+DELTA_META = "readapt.json"
+
+
+def _shards(entries, limit: int):
+    """Group (name, shape, dtype, fetch) entries into files of at most `limit` bytes."""
+    shards, cur, size = [], [], 0
+    for e in entries:
+        n = int(np.prod(e[1])) * np.dtype(e[2]).itemsize
+        if cur and size + n > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += n
+    return shards + [cur]
+
+
+def write_tensors(out_dir: str, entries, config_dict: dict, extra_files: dict | None = None,
+                  max_shard_size="5GB", overwrite: bool = False, desc: str = "writing") -> str:
+    """An HF-style directory: config.json, safetensors (sharded with an index above `max_shard_size`) and any
+    extra JSON files, written atomically; tensors are produced one at a time by their fetch functions."""
+    shards = _shards(entries, hf._parse_size(max_shard_size))
+    bar = tqdm(total=len(entries), desc=desc, unit="tensor", disable=None, leave=False)
+
+    def counted(e):
+        name, shape, dtype, fetch = e
+
+        def f():
+            arr = fetch()
+            bar.update(1)
+            return arr
+        return name, shape, dtype, f
+
+    with atomic_dir(out_dir, overwrite) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=2, sort_keys=True)
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2, sort_keys=True)
+        if len(shards) == 1:
+            write(os.path.join(tmp, "model.safetensors"), [counted(e) for e in shards[0]], metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write(os.path.join(tmp, fname), [counted(e) for e in shard], metadata={"format": "pt"})
+                for name, shape, dt, _ in shard:
+                    weight_map[name] = fname
+                    total += int(np.prod(shape)) * np.dtype(dt).itemsize
+            with open(os.path.join(tmp, hf.INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    bar.close()
+    return out_dir
+
+
+def _open_model(path: str, role: str):
+    if not os.path.isdir(path):
+        raise FaJaxError(f"{role} {path}: no such directory")
+    config = config_lib.load_config(path)
+    reader = hf.CheckpointReader(path)
+    return config, reader, hf.check_tensors(config, reader, path)
+
+
+def diff(base_dir: str, tuned_dir: str, out_dir: str, *, linear_only: bool = False, overwrite: bool = False,
+         max_shard_size="5GB") -> str:
+    """Write tuned - base (float32) for every tensor, with the Hugging Face names, as an RE-Adapter directory."""
+    if os.path.exists(out_dir) and not overwrite:
+        raise FaJaxError(f"{out_dir}: output directory already exists (pass --overwrite)")
+    bcfg, breader, bnames = _open_model(base_dir, "base")
+    tcfg, treader, tnames = _open_model(tuned_dir, "tuned")
+    if bcfg != tcfg:
+        fields = [f for f in bcfg.__dataclass_fields__ if getattr(bcfg, f) != getattr(tcfg, f) and f != "hf_config"]
+        raise FaJaxError(f"diff: base {base_dir} and tuned {tuned_dir} have different architectures "
+                         f"({', '.join(f'{f}: {getattr(bcfg, f)} vs {getattr(tcfg, f)}' for f in fields[:3])})")
+    entries = []
+    for path, name in bnames.items():
+        if linear_only and not (path.endswith(".kernel") and path != "lm_head.kernel"):
+            continue
+        shape = breader.shape(name)
+        entries.append((name, shape, np.float32,
+                        lambda n=name: treader.get(n).astype(np.float32) - breader.get(n).astype(np.float32)))
+    meta = {"kind": "re-adapter", "base": os.path.abspath(base_dir), "tuned": os.path.abspath(tuned_dir),
+            "linear_only": linear_only}
+    return write_tensors(out_dir, entries, bcfg.to_hf_dict(), {DELTA_META: meta}, max_shard_size, overwrite,
+                         desc="diff")
+
+
+def _is_peft(path: str) -> bool:
+    return os.path.exists(os.path.join(path, peft.CONFIG))
+
+
+def _is_delta(path: str) -> bool:
+    return os.path.exists(os.path.join(path, DELTA_META))
+
+
+def truncate(delta_dir: str, out_dir: str, *, tau: float | None = None, rank: int | None = None,
+             overwrite: bool = False, plots: bool = True, base_config: str | None = None):
+    """LoRE-Adapter: each linear matrix of an RE-Adapter (or PEFT LoRA) directory truncated by SVD, written as a
+    PEFT LoRA directory (per-matrix ranks in rank_pattern). Returns the report of `treemath.truncate`."""
+    if tau is not None and not (0.0 < float(tau) <= 1.0):
+        raise FaJaxError(f"truncate: --tau {tau} is outside (0, 1]")
+    if rank is not None and int(rank) < 1:
+        raise FaJaxError(f"truncate: --rank {rank} is below 1")
+    if (tau is None) == (rank is None):
+        raise FaJaxError("truncate: give exactly one of --tau or --rank")
+    if os.path.exists(out_dir) and not overwrite:
+        raise FaJaxError(f"{out_dir}: output directory already exists (pass --overwrite)")
+    if not os.path.isdir(delta_dir):
+        raise FaJaxError(f"delta {delta_dir}: no such directory")
+    if _is_peft(delta_dir):
+        if base_config is None:
+            raise FaJaxError(f"{delta_dir} is a PEFT adapter: pass --base-config DIR (the base model's config)")
+        config = config_lib.load_config(base_config)
+        lore, report = treemath.truncate(peft.load_peft(config, delta_dir), tau=tau, rank=rank,
+                                         keep_non_matrix=False)
+    else:
+        config = config_lib.load_config(delta_dir)
+        reader = hf.CheckpointReader(delta_dir)
+        lore_flat, modules = {}, {}
+        names = [(p, hf.hf_name(p)) for p, (shape, _) in _linear_specs(config) if hf.hf_name(p) in reader]
+        if not names:
+            raise FaJaxError(f"{delta_dir}: holds no linear-layer matrices to truncate")
+        for path, name in tqdm(names, desc="truncate", unit="matrix", disable=None, leave=False):
+            w = jnp.asarray(reader.get(name).astype(np.float32).T)  # [in, out]
+            part, rep = treemath.truncate({"m": {"kernel": w}}, tau=tau, rank=rank, keep_non_matrix=False)
+            module = path[: -len(".kernel")]
+            modules[module] = rep["modules"]["m"]
+            if "m" in part:
+                for k, v in part["m"].items():
+                    lore_flat[f"{module}.{k}"] = np.asarray(v)
+        total = sum(m["params"] for m in modules.values())
+        dense = sum(m["dense_params"] for m in modules.values())
+        report = {"modules": modules, "params": total, "dense_params": dense, "share": total / dense}
+        from fa_jax.tree import unflatten
+        lore = unflatten(lore_flat)
+    if not list(lora_lib.iter_modules(lore)):
+        raise FaJaxError(f"truncate: every matrix of {delta_dir} truncated to rank 0 (an all-zero delta?)")
+    peft.save_peft(config, lore, out_dir, overwrite=overwrite,
+                   base_model_name_or_path=_base_of(delta_dir))
+    if plots:
+        report["plots"] = _plots(report, out_dir)
+    with open(os.path.join(out_dir, "lore_report.json"), "w") as f:
+        json.dump(_jsonable(report), f, indent=2)
+    return report
+
+
+def _linear_specs(config):
+    from fa_jax.models.transformer import param_specs
+
+    return [(p, s) for p, s in param_specs(config).items() if p.endswith(".kernel") and p != "lm_head.kernel"]
+
+
+def _base_of(delta_dir: str):
+    meta = os.path.join(delta_dir, DELTA_META)
+    if os.path.exists(meta):
+        return json.load(open(meta)).get("base")
+    return None
+
+
+def _jsonable(report):
+    out = dict(report)
+    out["modules"] = {k: {kk: vv for kk, vv in v.items() if kk != "spectrum"} for k, v in report["modules"].items()}
+    return out
+
+
+def _plots(report, out_dir: str) -> list[str]:
+    """Explained variance against rank for a few matrices (RE-Adapt Fig. 2) and parameter share against tau
+    (Fig. 3), next to the adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p1 = treemath.plot_explained_variance(report, os.path.join(out_dir, "explained_variance.png"))
+    spectra = {k: (np.asarray(v["spectrum"]), tuple(v["shape"])) for k, v in report["modules"].items()}
+    taus = np.linspace(0.05, 1.0, 20)
+    share = treemath.param_share_curve(spectra, taus)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(taus, np.asarray(share) * 100, marker=".")
+    ax.set_xlabel("tau (explained variance kept)")
+    ax.set_ylabel("LoRE parameters, % of the dense matrices")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p2 = os.path.join(out_dir, "param_share_vs_tau.png")
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def rank_table(report, limit: int = 12) -> str:
+    """A text table of ranks per matrix (the first `limit` rows) and the totals."""
+    rows = [f"{'matrix':<48} {'shape':>13} {'rank':>6} {'explained':>9}"]
+    mods = report["modules"]
+    for name in list(mods)[:limit]:
+        m = mods[name]
+        rows.append(f"{name:<48} {m['shape'][0]:>6}x{m['shape'][1]:<6} {m['rank']:>6} {m['explained']:>9.3f}")
+    if len(mods) > limit:
+        rows.append(f"... {len(mods) - limit} more (lore_report.json has all)")
+    rows.append(f"LoRE parameters: {report['params']:,} = {100 * report['share']:.2f}% of the "
+                f"{report['dense_params']:,} dense matrix parameters")
+    return "\n".join(rows)
+
+
+def load_adapter(path: str, config):
+    """An adapter for `merge`: a dense RE-Adapter directory (returned as a lazy reader), a PEFT LoRA / LoRE
+    directory, or a fa_jax pretrain run / checkpoint directory (its exported PEFT adapter)."""
+    if not os.path.exists(path):
+        raise FaJaxError(f"adapter {path}: no such directory")
+    if _is_peft(path):
+        return "lora", peft.load_peft(config, path)
+    if os.path.exists(os.path.join(path, "adapter_peft", peft.CONFIG)):  # a fa_jax pretrain run directory
+        run = os.path.join(path, "config.json")
+        keep = json.load(open(run)).get("model", {}).get("keep_layers") if os.path.exists(run) else None
+        if keep is not None:
+            raise FaJaxError(f"adapter {path}: trained on a student with keep_layers={keep}; its layer numbers are "
+                             "the student's, so it merges only into that student, not into this base")
+        return "lora", peft.load_peft(config, os.path.join(path, "adapter_peft"))
+    if _is_delta(path) or os.path.exists(os.path.join(path, "config.json")):
+        dcfg = config_lib.load_config(path)
+        if dcfg != config:
+            raise FaJaxError(f"adapter {path}: made for a different architecture than the base")
+        return "dense", hf.CheckpointReader(path)
+    raise FaJaxError(f"adapter {path}: not a PEFT adapter, an RE-Adapter (fa-jax diff) or a fa_jax run directory")
+
+
+def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dtype=None, max_shard_size="5GB",
+          tokenizer: bool = True) -> str:
+    """W = base + sum(scale_i * delta_i), tensor by tensor, as an HF directory transformers loads.
+
+    adapters: [(path, scale), ...]; each a dense RE-Adapter, a PEFT LoRA/LoRE directory or a fa_jax run.
+    """
+    if os.path.exists(out_dir) and not overwrite:
+        raise FaJaxError(f"{out_dir}: output directory already exists (pass --overwrite)")
+    config, reader, names = _open_model(base_dir, "base")
+    loaded = [(load_adapter(p, config), float(s)) for p, s in adapters]
+    lora_flat = [(flatten(a) if kind == "lora" else None, kind, a, s) for (kind, a), s in loaded]
+    out_dt = None if dtype is None else np.dtype(jnp.dtype(dtype))
+
+    def fetch(path, name):
+        w = reader.get(name).astype(np.float32)
+        for flat, kind, a, s in lora_flat:
+            if kind == "dense":
+                if name in a:
+                    w = w + s * a.get(name).astype(np.float32)
+            elif path.endswith(".kernel") and f"{path[:-7]}.lora_A" in flat:
+                m = path[:-7]
+                delta = float(flat[f"{m}.scale"]) * (np.asarray(flat[f"{m}.lora_A"], np.float32)
+                                                     @ np.asarray(flat[f"{m}.lora_B"], np.float32))
+                w = w + s * delta.T  # HF layout [out, in]
+        return w.astype(out_dt or reader.get(name).dtype)
+
+    entries = []
+    for path, name in names.items():
+        dt = out_dt or reader.files[reader.where[name]].dtype(name)
+        entries.append((name, reader.shape(name), dt, lambda p=path, n=name: fetch(p, n)))
+    cfg = config.to_hf_dict()
+    cfg["dtype"] = str(np.dtype(entries[0][2]).name)
+    write_tensors(out_dir, entries, cfg, None, max_shard_size, overwrite, desc="merge")
+    if tokenizer:
+        _copy_tokenizer(base_dir, out_dir)
+    return out_dir
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "generation_config.json", "chat_template.jinja"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
