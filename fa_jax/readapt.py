@@ -26,6 +26,15 @@ from fa_jax.io.safetensors import write
 from fa_jax.tree import flatten
 
 DELTA_META = "readapt.json"
+BLOCK_BYTES = 64 << 20  # float32 bytes of one row block: large tensors are processed a block at a time
+
+
+def _row_blocks(shape):
+    """(start, stop) row ranges covering a tensor's first axis, each about BLOCK_BYTES of float32."""
+    rows = shape[0] if shape else 1
+    per_row = 4 * int(np.prod(shape[1:], dtype=np.int64)) if shape else 4
+    step = max(1, BLOCK_BYTES // max(per_row, 1))
+    return [(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
 def _shards(entries, limit: int):
@@ -103,8 +112,12 @@ def diff(base_dir: str, tuned_dir: str, out_dir: str, *, linear_only: bool = Fal
         if linear_only and not (path.endswith(".kernel") and path != "lm_head.kernel"):
             continue
         shape = breader.shape(name)
-        entries.append((name, shape, np.float32,
-                        lambda n=name: treader.get(n).astype(np.float32) - breader.get(n).astype(np.float32)))
+
+        def blocks(n=name, shape=shape):
+            for i, j in _row_blocks(shape):
+                yield treader.get_rows(n, i, j).astype(np.float32) - breader.get_rows(n, i, j).astype(np.float32)
+
+        entries.append((name, shape, np.float32, blocks))
     meta = {"kind": "re-adapter", "base": os.path.abspath(base_dir), "tuned": os.path.abspath(tuned_dir),
             "linear_only": linear_only}
     return write_tensors(out_dir, entries, bcfg.to_hf_dict(), {DELTA_META: meta}, max_shard_size, overwrite,
@@ -263,23 +276,25 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
     lora_flat = [(flatten(a) if kind == "lora" else None, kind, a, s) for (kind, a), s in loaded]
     out_dt = None if dtype is None else np.dtype(jnp.dtype(dtype))
 
-    def fetch(path, name):
-        w = reader.get(name).astype(np.float32)
-        for flat, kind, a, s in lora_flat:
-            if kind == "dense":
-                if name in a:
-                    w = w + s * a.get(name).astype(np.float32)
-            elif path.endswith(".kernel") and f"{path[:-7]}.lora_A" in flat:
-                m = path[:-7]
-                delta = float(flat[f"{m}.scale"]) * (np.asarray(flat[f"{m}.lora_A"], np.float32)
-                                                     @ np.asarray(flat[f"{m}.lora_B"], np.float32))
-                w = w + s * delta.T  # HF layout [out, in]
-        return w.astype(out_dt or reader.get(name).dtype)
+    def fetch(path, name, dt):
+        """Row blocks of base + sum(scale * delta); HF layout [out, in], so rows are output features."""
+        m = path[: -len(".kernel")] if path.endswith(".kernel") else None
+        for i, j in _row_blocks(reader.shape(name)):
+            w = reader.get_rows(name, i, j).astype(np.float32)
+            for flat, kind, a, s in lora_flat:
+                if kind == "dense":
+                    if name in a:
+                        w = w + s * a.get_rows(name, i, j).astype(np.float32)
+                elif m is not None and f"{m}.lora_A" in flat:
+                    A = np.asarray(flat[f"{m}.lora_A"], np.float32)
+                    B = np.asarray(flat[f"{m}.lora_B"], np.float32)[:, i:j]
+                    w = w + (s * float(flat[f"{m}.scale"])) * (A @ B).T
+            yield w.astype(dt)
 
     entries = []
     for path, name in names.items():
-        dt = out_dt or reader.files[reader.where[name]].dtype(name)
-        entries.append((name, reader.shape(name), dt, lambda p=path, n=name: fetch(p, n)))
+        dt = out_dt or reader.dtype(name)
+        entries.append((name, reader.shape(name), dt, lambda p=path, n=name, dt=dt: fetch(p, n, dt)))
     cfg = config.to_hf_dict()
     cfg["dtype"] = str(np.dtype(entries[0][2]).name)
     write_tensors(out_dir, entries, cfg, None, max_shard_size, overwrite, desc="merge")

@@ -81,6 +81,12 @@ class CheckpointReader:
     def get(self, name: str) -> np.ndarray:
         return self.files[self.where[name]].get(name)
 
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.files[self.where[name]].get_rows(name, start, stop)
+
+    def dtype(self, name: str):
+        return self.files[self.where[name]].dtype(name)
+
     def file_of(self, name: str) -> str:
         return os.path.join(self.path, self.where[name])
 

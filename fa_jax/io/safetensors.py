@@ -81,6 +81,16 @@ class SafetensorsFile:
         return arr.view(dtype).reshape(shape)
 
 
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor (its first axis), reading only their bytes."""
+        dtype, shape, begin, _ = self.tensors[name]
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        stop = min(stop, shape[0])
+        arr = np.fromfile(self.path, dtype=np.uint8, count=(stop - start) * row,
+                          offset=self._start + begin + start * row)
+        return arr.view(dtype).reshape((stop - start,) + tuple(shape[1:]))
+
+
 def dtype_name(dtype) -> str:
     try:
         return _NAMES[np.dtype(dtype)]
@@ -90,7 +100,8 @@ def dtype_name(dtype) -> str:
 
 def write(path: str, entries: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
           metadata: dict | None = None) -> None:
-    """Write tensors given as (name, shape, dtype, fetch) where `fetch()` returns the array when it is written."""
+    """Write tensors given as (name, shape, dtype, fetch) where `fetch()` returns the array when it is written, or
+    an iterator of consecutive row blocks of it (so a large tensor never needs to be in memory whole)."""
     entries = list(entries)
     header, offset = {}, 0
     for name, shape, dtype, _ in entries:
@@ -105,7 +116,14 @@ def write(path: str, entries: Iterable[tuple[str, tuple[int, ...], np.dtype, Cal
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape, dtype, fetch in entries:
-            arr = np.ascontiguousarray(np.asarray(fetch()), dtype=dtype)
-            if arr.shape != tuple(shape):
-                raise FaJaxError(f"{path}: tensor {name!r} has shape {arr.shape}, header says {tuple(shape)}")
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            got = fetch()
+            blocks = [got] if hasattr(got, "shape") else got
+            rows = 0
+            for block in blocks:
+                arr = np.ascontiguousarray(np.asarray(block), dtype=dtype)
+                if arr.shape[1:] != tuple(shape[1:]) or (not shape and arr.shape != ()):
+                    raise FaJaxError(f"{path}: tensor {name!r} has shape {arr.shape}, header says {tuple(shape)}")
+                rows += arr.shape[0] if shape else 1
+                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            if rows != (shape[0] if shape else 1):
+                raise FaJaxError(f"{path}: tensor {name!r} got {rows} rows, header says {tuple(shape)}")
