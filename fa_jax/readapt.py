@@ -255,12 +255,38 @@ def load_adapter(path: str, config):
             raise FaJaxError(f"adapter {path}: trained on a student with keep_layers={keep}; its layer numbers are "
                              "the student's, so it merges only into that student, not into this base")
         return "lora", peft.load_peft(config, os.path.join(path, "adapter_peft"))
+    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, "config.json")):
+        return "lora", run_adapters(path, config)
     if _is_delta(path) or os.path.exists(os.path.join(path, "config.json")):
         dcfg = config_lib.load_config(path)
         if dcfg != config:
             raise FaJaxError(f"adapter {path}: made for a different architecture than the base")
         return "dense", hf.CheckpointReader(path)
     raise FaJaxError(f"adapter {path}: not a PEFT adapter, an RE-Adapter (fa-jax diff) or a fa_jax run directory")
+
+
+def run_adapters(run_dir: str, config):
+    """The adapters of a fa_jax pre-training run's latest orbax checkpoint (for runs not finished or exported)."""
+    import jax
+
+    from fa_jax import run_config, sharding, train
+    from fa_jax.checkpoint import Checkpointer
+
+    cfg = run_config.merge(train.pretrain_defaults(), json.load(open(os.path.join(run_dir, "config.json"))),
+                           os.path.join(run_dir, "config.json"))
+    if cfg.model.keep_layers is not None:
+        raise FaJaxError(f"adapter {run_dir}: trained on a student with keep_layers={cfg.model.keep_layers}; its "
+                         "layer numbers are the student's, so it merges only into that student, not into this base")
+    mesh = sharding.make_mesh([1, 1, 1])
+    abstract = jax.eval_shape(lambda: train.init_state(cfg, config, mesh, sharding.DEFAULT_RULES)[0])
+    rep = sharding.replicated(mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    if ckpt.latest_step() is None:
+        raise FaJaxError(f"adapter {run_dir}: the run has no checkpoint yet")
+    _, state, _ = ckpt.restore(abstract)
+    ckpt.close()
+    return jax.device_get(state["adapters"])
 
 
 def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dtype=None, max_shard_size="5GB",

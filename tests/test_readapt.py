@@ -140,3 +140,29 @@ def test_row_blocks_give_the_same_files(pair, tmp_path, monkeypatch):
     whole, blocks = outs["whole"][1], outs["blocks"][1]  # BLAS may round a column block's matmul differently
     for n in whole.names():
         np.testing.assert_allclose(blocks.get(n), whole.get(n), rtol=0, atol=1e-7)
+
+
+def test_merge_from_a_run_checkpoint(tmp_path):
+    """An unfinished pre-training run (orbax checkpoint, no PEFT export yet) merges by its latest checkpoint."""
+    from fa_jax import run_config, train
+    from helpers import save_hf_model, save_tiny_tokenizer, write_corpus
+
+    save_hf_model("llama", tmp_path / "base")
+    save_tiny_tokenizer(tmp_path / "base")
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=40, max_words=20)
+    cfg = run_config.merge(train.pretrain_defaults(), {
+        "model": {"teacher": str(tmp_path / "base")}, "adapter": {"rank": 4, "alpha": 8.0},
+        "data": {"train": corpus, "seq_len": 16, "batch_size": 8}, "optim": {"lr": 1e-2, "warmup_steps": 0},
+        "mesh": {"shape": [1, 1, 1]},
+        "run": {"steps": 5, "stop_after": 2, "out_dir": str(tmp_path / "run"), "async_checkpoint": False}}, "test")
+    summary = train.pretrain(cfg)
+    assert "peft_adapter" not in summary
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    config, params = fa_jax.load_model(str(tmp_path / "base"))
+    _, merged = fa_jax.load_model(str(tmp_path / "merged"))
+    want = fa_jax.merge_lora(params, jax.device_get(summary["adapters"]))
+    q = "model.layers.0.self_attn.q_proj.kernel"
+    assert np.abs(np.asarray(flatten(want)[q]) - np.asarray(flatten(params)[q])).max() > 1e-4  # it trained
+    for p, w in flatten(want).items():
+        np.testing.assert_allclose(np.asarray(flatten(merged)[p]), np.asarray(w), atol=1e-6, err_msg=p)
