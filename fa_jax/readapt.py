@@ -21,8 +21,6 @@ from fa_jax import lora as lora_lib
 from fa_jax import treemath
 from fa_jax.errors import FaJaxError
 from fa_jax.io import hf, peft
-from fa_jax.io.atomic import atomic_dir
-from fa_jax.io.safetensors import write
 from fa_jax.tree import flatten
 
 DELTA_META = "readapt.json"
@@ -35,57 +33,6 @@ def _row_blocks(shape):
     per_row = 4 * int(np.prod(shape[1:], dtype=np.int64)) if shape else 4
     step = max(1, BLOCK_BYTES // max(per_row, 1))
     return [(i, min(rows, i + step)) for i in range(0, rows, step)]
-
-
-def _shards(entries, limit: int):
-    """Group (name, shape, dtype, fetch) entries into files of at most `limit` bytes."""
-    shards, cur, size = [], [], 0
-    for e in entries:
-        n = int(np.prod(e[1])) * np.dtype(e[2]).itemsize
-        if cur and size + n > limit:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(e)
-        size += n
-    return shards + [cur]
-
-
-def write_tensors(out_dir: str, entries, config_dict: dict, extra_files: dict | None = None,
-                  max_shard_size="5GB", overwrite: bool = False, desc: str = "writing") -> str:
-    """An HF-style directory: config.json, safetensors (sharded with an index above `max_shard_size`) and any
-    extra JSON files, written atomically; tensors are produced one at a time by their fetch functions."""
-    shards = _shards(entries, hf._parse_size(max_shard_size))
-    bar = tqdm(total=len(entries), desc=desc, unit="tensor", disable=None, leave=False)
-
-    def counted(e):
-        name, shape, dtype, fetch = e
-
-        def f():
-            arr = fetch()
-            bar.update(1)
-            return arr
-        return name, shape, dtype, f
-
-    with atomic_dir(out_dir, overwrite) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2, sort_keys=True)
-        for name, content in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(content, f, indent=2, sort_keys=True)
-        if len(shards) == 1:
-            write(os.path.join(tmp, "model.safetensors"), [counted(e) for e in shards[0]], metadata={"format": "pt"})
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                write(os.path.join(tmp, fname), [counted(e) for e in shard], metadata={"format": "pt"})
-                for name, shape, dt, _ in shard:
-                    weight_map[name] = fname
-                    total += int(np.prod(shape)) * np.dtype(dt).itemsize
-            with open(os.path.join(tmp, hf.INDEX), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    bar.close()
-    return out_dir
 
 
 def _open_model(path: str, role: str):
@@ -120,7 +67,7 @@ def diff(base_dir: str, tuned_dir: str, out_dir: str, *, linear_only: bool = Fal
         entries.append((name, shape, np.float32, blocks))
     meta = {"kind": "re-adapter", "base": os.path.abspath(base_dir), "tuned": os.path.abspath(tuned_dir),
             "linear_only": linear_only}
-    return write_tensors(out_dir, entries, bcfg.to_hf_dict(), {DELTA_META: meta}, max_shard_size, overwrite,
+    return hf.write_dir(out_dir, entries, bcfg.to_hf_dict(), {DELTA_META: meta}, max_shard_size, overwrite,
                          desc="diff")
 
 
@@ -323,7 +270,7 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
         entries.append((name, reader.shape(name), dt, lambda p=path, n=name, dt=dt: fetch(p, n, dt)))
     cfg = config.to_hf_dict()
     cfg["dtype"] = str(np.dtype(entries[0][2]).name)
-    write_tensors(out_dir, entries, cfg, None, max_shard_size, overwrite, desc="merge")
+    hf.write_dir(out_dir, entries, cfg, None, max_shard_size, overwrite, desc="merge")
     if tokenizer:
         _copy_tokenizer(base_dir, out_dir)
     return out_dir

@@ -197,33 +197,60 @@ def save_hf(config, params, out_dir: str, *, dtype=None, max_shard_size="5GB", t
         hf_shape = tuple(shape[::-1]) if is_transposed(p) else tuple(shape)
         fetch = (lambda a=a: np.asarray(jax.device_get(a)).T) if is_transposed(p) else (lambda a=a: jax.device_get(a))
         entries.append((hf_name(p), hf_shape, out_dtype(a), fetch))
-    limit = _parse_size(max_shard_size)
-    shards, current, size = [], [], 0
-    for e in entries:
-        nbytes = int(np.prod(e[1])) * e[2].itemsize
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = [], 0
-        current.append(e)
-        size += nbytes
-    shards.append(current)
     hf_cfg = config.to_hf_dict()
     hf_cfg["dtype"] = out_dtype(flat["model.embed_tokens.embedding"]).name
+    return write_dir(out_dir, entries, hf_cfg, None, max_shard_size, overwrite, desc="saving", tokenizer=tokenizer)
+
+
+def _shards(entries, limit: int):
+    """Group (name, shape, dtype, fetch) entries into files of at most `limit` bytes."""
+    shards, cur, size = [], [], 0
+    for e in entries:
+        n = int(np.prod(e[1])) * np.dtype(e[2]).itemsize
+        if cur and size + n > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += n
+    return shards + [cur]
+
+
+def write_dir(out_dir: str, entries, config_dict: dict, extra_files: dict | None = None,
+              max_shard_size="5GB", overwrite: bool = False, desc: str = "writing", tokenizer=None) -> str:
+    """An HF-style directory: config.json, safetensors (sharded with an index above `max_shard_size`) and any
+    extra JSON files, and the tokenizer if given; written atomically; tensors are produced one at a time by their
+    fetch functions (an array, or an iterator of row blocks)."""
+    shards = _shards(entries, _parse_size(max_shard_size))
+    bar = tqdm(total=len(entries), desc=desc, unit="tensor", disable=None, leave=False)
+
+    def counted(e):
+        name, shape, dtype, fetch = e
+
+        def f():
+            arr = fetch()
+            bar.update(1)
+            return arr
+        return name, shape, dtype, f
+
     with atomic_dir(out_dir, overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_cfg, f, indent=2, sort_keys=True)
+            json.dump(config_dict, f, indent=2, sort_keys=True)
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2, sort_keys=True)
         if len(shards) == 1:
-            write(os.path.join(tmp, "model.safetensors"), shards[0], metadata={"format": "pt"})
+            write(os.path.join(tmp, "model.safetensors"), [counted(e) for e in shards[0]], metadata={"format": "pt"})
         else:
             weight_map, total = {}, 0
-            for i, shard in enumerate(tqdm(shards, desc="saving", unit="shard", disable=None, leave=False)):
+            for i, shard in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                write(os.path.join(tmp, fname), shard, metadata={"format": "pt"})
+                write(os.path.join(tmp, fname), [counted(e) for e in shard], metadata={"format": "pt"})
                 for name, shape, dt, _ in shard:
                     weight_map[name] = fname
-                    total += int(np.prod(shape)) * dt.itemsize
+                    total += int(np.prod(shape)) * np.dtype(dt).itemsize
             with open(os.path.join(tmp, INDEX), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    bar.close()
     return out_dir
