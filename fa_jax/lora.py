@@ -22,9 +22,39 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def apply(x, y, adapter, dropout=None):
     """y + scale * (dropout(x) @ A) @ B, for x [..., I] and y [..., O]."""
     xa = x if dropout is None else dropout(x)
-    h = jnp.einsum("...i,ir->...r", xa, adapter["lora_A"].astype(x.dtype))
-    h = jnp.einsum("...r,ro->...o", h, adapter["lora_B"].astype(x.dtype))
-    return y + h * jax.lax.stop_gradient(adapter["scale"]).astype(x.dtype)
+    scale = jax.lax.stop_gradient(adapter["scale"]).astype(x.dtype)
+    return y + _low_rank(xa, adapter["lora_A"].astype(x.dtype), adapter["lora_B"].astype(x.dtype), scale)
+
+
+@jax.custom_vjp
+def _low_rank(x, a, b, scale):
+    """scale * (x @ a) @ b for x [..., I], a [I, R], b [R, O].
+
+    The backward pass is written out because the generic transpose of the two einsums makes XLA:CPU copy the
+    incoming [..., O] gradient into a transposed layout and contract over the token axis with a slow kernel: for
+    LoRA r 8 on a 135M model that doubled the cost of the adapters' backward pass. Here both weight gradients
+    contract the flattened token axis of row-major operands, and the only [..., O]-sized work is one rank-R matmul.
+    """
+    return jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b) * scale
+
+
+def _low_rank_fwd(x, a, b, scale):
+    h = jnp.einsum("...i,ir->...r", x, a)
+    return jnp.einsum("...r,ro->...o", h, b) * scale, (x, a, b, scale, h)
+
+
+def _low_rank_bwd(res, g):
+    x, a, b, scale, h = res
+    i, r, o = x.shape[-1], h.shape[-1], g.shape[-1]
+    x2, h2, g2 = x.reshape(-1, i), h.reshape(-1, r), g.reshape(-1, o)
+    gh = jnp.einsum("no,ro->nr", g2, b) * scale  # d loss / d (x @ a), [N, R]
+    da = jnp.einsum("ni,nr->ir", x2, gh)
+    db = jnp.einsum("nr,no->ro", h2 * scale, g2)
+    dx = jnp.einsum("nr,ir->ni", gh, a).reshape(x.shape)
+    return dx, da, db, jnp.zeros_like(scale)
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def materialize(kernel, adapter):

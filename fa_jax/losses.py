@@ -128,7 +128,8 @@ def distill_loss(student_logits, teacher_logits, labels, mask, alpha=0.5, temper
 
 
 def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels, mask, *, alpha=0.5,
-                         temperature=1.0, divergence="forward_kl", beta=0.5, chunk_size=128, normalizer=None):
+                         temperature=1.0, divergence="forward_kl", beta=0.5, chunk_size=128, normalizer=None,
+                         student_head_vd=False, teacher_head_vd=False):
     """`distill_loss(student_hidden @ student_head, teacher_hidden @ teacher_head, ...)`, chunk by chunk.
 
     student_hidden [B, T, Ds], student_head [Ds, Vs], teacher_hidden [B, T, Dt], teacher_head [Dt, Vt] (bf16 or
@@ -136,6 +137,10 @@ def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_h
     normalizer as in `distill_loss`. The sequence is cut into chunks of `chunk_size` time steps (the last one padded
     with mask 0 when T is not a multiple); each chunk computes both heads, its loss and, when differentiated, its
     gradient with respect to its student hidden states, so neither pass holds [B, T, V] float32 logits.
+
+    student_head_vd / teacher_head_vd: that head is given vocabulary-major, [V, D] (a tied input embedding, as
+    `transformer.lm_head` returns it), and is used as it is: transposing a tied embedding outside the chunk loop
+    would make XLA materialize a [D, V] copy of it.
 
     teacher_hidden = teacher_head = None (with alpha=0): cross-entropy only, no teacher head is computed.
     Gradients flow to student_hidden only (heads, teacher and hyperparameters are constants). The backward pass
@@ -146,12 +151,17 @@ def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_h
     c = max(1, min(chunk_size, student_hidden.shape[1]))
     mask = jnp.asarray(mask)
     n = _normalizer(mask, normalizer)
-    student_head, teacher_head = _shared_vocab(*jax.lax.stop_gradient((student_head, teacher_head)))
+    student_head, teacher_head = jax.lax.stop_gradient((student_head, teacher_head))
+    if teacher_head is not None:
+        v = min(student_head.shape[0 if student_head_vd else 1], teacher_head.shape[0 if teacher_head_vd else 1])
+        student_head = student_head[:v] if student_head_vd else student_head[:, :v]
+        teacher_head = teacher_head[:v] if teacher_head_vd else teacher_head[:, :v]
     teacher_hidden = None if teacher_hidden is None else _to_chunks(jax.lax.stop_gradient(teacher_hidden), c)
     # A Python temperature stays static, so at T = 1 one student log-softmax serves both terms.
     static_temperature = float(temperature) if isinstance(temperature, (int, float)) else None
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    return _chunked(divergence, c, static_temperature, student_hidden, student_head, teacher_hidden, teacher_head,
+    kind = (divergence, bool(student_head_vd), bool(teacher_head_vd))
+    return _chunked(kind, c, static_temperature, student_hidden, student_head, teacher_hidden, teacher_head,
                     _to_chunks(jnp.asarray(labels), c), _to_chunks(mask, c), n, f32(alpha), f32(temperature),
                     f32(beta))
 
@@ -162,22 +172,29 @@ def _to_chunks(x, c):
     return jnp.moveaxis(x.reshape(x.shape[0], -1, c, *x.shape[2:]), 1, 0)
 
 
-def _chunk_loss(divergence, hs, head_s, ht, head_t, labels, mask, n, alpha, temperature, beta):
-    """Loss contribution of one chunk hs [B, C, Ds], with (kd, ce, agreement) sums as aux."""
-    s = jnp.einsum("bcd,dv->bcv", hs, head_s.astype(hs.dtype), preferred_element_type=jnp.float32)
-    t = None if ht is None else jnp.einsum("bcd,dv->bcv", ht, head_t.astype(ht.dtype),
-                                           preferred_element_type=jnp.float32)
+def _head(h, head, vd):
+    spec = "bcd,vd->bcv" if vd else "bcd,dv->bcv"
+    return jnp.einsum(spec, h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def _chunk_loss(kind, hs, head_s, ht, head_t, labels, mask, n, alpha, temperature, beta):
+    """Loss contribution of one chunk hs [B, C, Ds], with (kd, ce, agreement) sums as aux.
+
+    kind = (divergence, student head is [V, D], teacher head is [V, D])."""
+    divergence, s_vd, t_vd = kind
+    s = _head(hs, head_s, s_vd)
+    t = None if ht is None else _head(ht, head_t, t_vd)
     kd, ce, agree = _token_terms(s, t, labels, mask, temperature, divergence, beta)
     kd, ce, agree = jnp.sum(kd), jnp.sum(ce), jnp.sum(agree)
     return (alpha * temperature ** 2 * kd + (1.0 - alpha) * ce) / n, (kd, ce, agree)
 
 
-def _scan_chunks(divergence, with_grad, hs_chunks, head_s, ht_chunks, head_t, label_chunks, mask_chunks, n, alpha,
+def _scan_chunks(kind, with_grad, hs_chunks, head_s, ht_chunks, head_t, label_chunks, mask_chunks, n, alpha,
                  temperature, beta):
     """Sums of (kd, ce, agreement) over chunks, and the per-chunk grads [N, B, C, Ds] when with_grad."""
     def body(sums, xs):
         hs, ht, labels, mask = xs
-        f = functools.partial(_chunk_loss, divergence, head_s=head_s, ht=ht, head_t=head_t, labels=labels,
+        f = functools.partial(_chunk_loss, kind, head_s=head_s, ht=ht, head_t=head_t, labels=labels,
                               mask=mask, n=n, alpha=alpha, temperature=temperature, beta=beta)
         if with_grad:
             _, vjp, aux = jax.vjp(f, hs, has_aux=True)
@@ -191,25 +208,25 @@ def _scan_chunks(divergence, with_grad, hs_chunks, head_s, ht_chunks, head_t, la
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _chunked(divergence, c, static_temperature, student_hidden, head_s, ht_chunks, head_t, label_chunks, mask_chunks,
+def _chunked(kind, c, static_temperature, student_hidden, head_s, ht_chunks, head_t, label_chunks, mask_chunks,
              n, alpha, temperature, beta):
     temperature = temperature if static_temperature is None else static_temperature
-    (kd, ce, agree), _ = _scan_chunks(divergence, False, _to_chunks(student_hidden, c), head_s, ht_chunks, head_t,
+    (kd, ce, agree), _ = _scan_chunks(kind, False, _to_chunks(student_hidden, c), head_s, ht_chunks, head_t,
                                       label_chunks, mask_chunks, n, alpha, temperature, beta)
     return _combine(kd, ce, agree, jnp.sum(mask_chunks.astype(jnp.float32)), n, alpha, temperature)
 
 
-def _chunked_fwd(divergence, c, static_temperature, student_hidden, head_s, ht_chunks, head_t, label_chunks,
+def _chunked_fwd(kind, c, static_temperature, student_hidden, head_s, ht_chunks, head_t, label_chunks,
                  mask_chunks, n, alpha, temperature, beta):
     temperature = temperature if static_temperature is None else static_temperature
-    (kd, ce, agree), grads = _scan_chunks(divergence, True, _to_chunks(student_hidden, c), head_s, ht_chunks,
+    (kd, ce, agree), grads = _scan_chunks(kind, True, _to_chunks(student_hidden, c), head_s, ht_chunks,
                                           head_t, label_chunks, mask_chunks, n, alpha, temperature, beta)
     out = _combine(kd, ce, agree, jnp.sum(mask_chunks.astype(jnp.float32)), n, alpha, temperature)
     b, t, d = student_hidden.shape
     return out, jnp.moveaxis(grads, 0, 1).reshape(b, -1, d)[:, :t]  # [N, B, C, Ds] -> [B, T, Ds]
 
 
-def _chunked_bwd(divergence, c, static_temperature, grads, cotangent):
+def _chunked_bwd(kind, c, static_temperature, grads, cotangent):
     # Only the loss is differentiable; the metrics' cotangents are ignored.
     return (grads * cotangent[0].astype(grads.dtype),) + (None,) * 9
 

@@ -67,15 +67,16 @@ def make_loss_fn(student_cfg, teacher_cfg, loss_cfg, compute_dtype=None, dropout
         kw = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], dtype=compute_dtype)
         h_s = transformer.hidden_states(student_cfg, student, batch["tokens"], adapters, dropout_rate=dropout,
                                         rng=rng, remat=remat, **kw)
-        h_t = head_t = None
+        h_t, (head_t, t_vd) = None, (None, False)
         if with_teacher:
             h_t = jax.lax.stop_gradient(transformer.hidden_states(teacher_cfg, teacher, batch["tokens"], **kw))
-            head_t = transformer.lm_head_kernel(teacher_cfg, teacher)
+            head_t, t_vd = transformer.lm_head(teacher_cfg, teacher)
+        head_s, s_vd = transformer.lm_head(student_cfg, student)
         return losses.chunked_distill_loss(
-            h_s, transformer.lm_head_kernel(student_cfg, student), h_t, head_t, batch["labels"], batch["mask"],
+            h_s, head_s, h_t, head_t, batch["labels"], batch["mask"],
             alpha=float(loss_cfg["alpha"]), temperature=float(loss_cfg["temperature"]),
             divergence=loss_cfg["divergence"], beta=float(loss_cfg["beta"]), chunk_size=int(loss_cfg["chunk_size"]),
-            normalizer=normalizer)
+            normalizer=normalizer, student_head_vd=s_vd, teacher_head_vd=t_vd)
 
     return loss_fn
 
@@ -116,7 +117,7 @@ def make_train_step(loss_fn, optimizer, schedule, grad_accum: int = 1, batch_sha
         new_adapters = optax.apply_updates(adapters, updates)
         mask = lora.trainable_mask(adapters)
         metrics = dict(metrics)
-        metrics["grad_norm"] = optax.global_norm(jax.tree.map(lambda g, m: g if m else jnp.zeros(()), grads, mask))
+        metrics["grad_norm"] = optim.global_norm(jax.tree.map(lambda g, m: g if m else jnp.zeros(()), grads, mask))
         metrics["lr"] = schedule(state["step"])
         skipped = optim.nonfinite_count(opt_state)
         if skipped is not None:
@@ -124,6 +125,31 @@ def make_train_step(loss_fn, optimizer, schedule, grad_accum: int = 1, batch_sha
         return {"step": state["step"] + 1, "adapters": new_adapters, "opt_state": opt_state, "rng": state["rng"]}, metrics
 
     return step
+
+
+def remat_setting(cfg):
+    """cfg.model.remat as `transformer.hidden_states` takes it: False, or a policy name (checked here)."""
+    r = cfg.model.remat
+    if r in (False, None, 0):
+        return False
+    transformer.remat_policy(r)  # a clear error for an unknown name
+    return "full" if r is True else r
+
+
+# XLA:CPU's default scheduler runs independent operations concurrently; on the training step it also moves the
+# rematerialized forward computations of all layers ahead of the backward pass, which undoes rematerialization
+# (the step's scratch memory stayed at 1.3 GB with every student layer recomputed). The memory-minimizing
+# scheduler keeps the order; on this step it is not slower.
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def jit_train_step(step, state, student, teacher, mesh, rules):
+    """The jitted step with explicit shardings (state donated), compiled once per run."""
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None
+    return jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, student),
+                                       jax.tree.map(lambda x: x.sharding, teacher), sh.batch_sharding(mesh, rules)),
+                   out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,), compiler_options=options)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -285,17 +311,14 @@ def pretrain(cfg, batches=None) -> dict:
 
     batch_sh = sh.batch_sharding(mesh, rules)
     loss_fn = make_loss_fn(student_cfg, teacher_cfg, cfg.loss, cfg.model.compute_dtype, float(cfg.adapter.dropout),
-                           bool(cfg.model.remat))
+                           remat_setting(cfg))
     traces = []
 
     def counted(*args):
         traces.append(1)  # runs at trace time only: the count of compilations
         return make_train_step(loss_fn, optimizer, schedule, int(cfg.optim.grad_accum), batch_sh)(*args)
 
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(counted, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, student),
-                                             jax.tree.map(lambda x: x.sharding, teacher), batch_sh),
-                      out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,))
+    step_fn = jit_train_step(counted, state, student, teacher, mesh, rules)
 
     if batches is None:
         d = cfg.data

@@ -202,17 +202,11 @@ def bench_fa_jax(args) -> dict:
     teacher_cfg, teacher, student_cfg, student, _ = train.load_models(cfg, mesh, rules)
     state, optimizer, schedule = train.init_state(cfg, student_cfg, mesh, rules)
     batch_sh = sh.batch_sharding(mesh, rules)
-    remat = cfg.model.remat if isinstance(cfg.model.remat, str) else bool(cfg.model.remat)
+    remat = train.remat_setting(cfg)
     loss_fn = train.make_loss_fn(student_cfg, teacher_cfg, cfg.loss, cfg.model.compute_dtype,
                                  float(cfg.adapter.dropout), remat)
     step = train.make_train_step(loss_fn, optimizer, schedule, int(cfg.optim.grad_accum), batch_sh)
-    if hasattr(train, "jit_train_step"):  # the very jit call of `pretrain`, where the project has factored it out
-        step_fn = train.jit_train_step(step, state, student, teacher, mesh, rules, remat=cfg.model.remat or False)
-    else:  # the same arguments as `pretrain`'s jax.jit
-        state_sh = jax.tree.map(lambda x: x.sharding, state)
-        step_fn = jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, student),
-                                              jax.tree.map(lambda x: x.sharding, teacher), batch_sh),
-                          out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,))
+    step_fn = train.jit_train_step(step, state, student, teacher, mesh, rules)  # the very jit call of `pretrain`
     n = 1 + args.warmup + args.steps
     batches = [{k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in b.items()}
                for b in make_batches(n, args.batch, args.seq, student_cfg.vocab_size, args.seed)]
@@ -238,7 +232,7 @@ def bench_fa_jax(args) -> dict:
            "rss_after_load_kb": rss_after_load, "peak_rss_kb": max(peak_first, _status_kb("VmHWM")),
            "peak_rss_steady_kb": _status_kb("VmHWM"),
            "platform": dev.platform, "device_kind": dev.device_kind, "jax": jax.__version__,
-           "chunk_size": int(cfg.loss.chunk_size), "remat": remat,
+           "chunk_size": int(cfg.loss.chunk_size), "remat": remat, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "flops_per_step": kd_step_flops(transformer.count_params(student_cfg),
                                            transformer.count_params(teacher_cfg), args.batch * args.seq),
            "student_layers": student_cfg.num_hidden_layers, "teacher_layers": teacher_cfg.num_hidden_layers}
@@ -502,7 +496,8 @@ def main(argv=None) -> int:
     on_gpu = meta.get("platform") == "gpu"
     if meta:
         print(f"fa_jax device: {meta['platform']} ({meta['device_kind']}), jax {meta['jax']}, loss chunk_size "
-              f"{meta['chunk_size']}, remat {meta['remat']}; model FLOPs per step "
+              f"{meta['chunk_size']}, remat {meta['remat']}, XLA_FLAGS {meta.get('xla_flags') or '(none)'}; "
+              f"model FLOPs per step "
               f"{meta['flops_per_step'] / 1e12:.3f} TFLOP")
     tmeta = (runs.get("torch_eager") or runs.get("torch_compile") or [{}])[0]
     if tmeta:

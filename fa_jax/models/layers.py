@@ -63,19 +63,50 @@ def attention_mask(segment_ids, q_positions=None, k_positions=None, window: int 
 
 
 def attention(config, p, a, x, cos, sin, mask, dropout=None):
-    """Grouped-query self-attention. x [B, T, D], mask [B, T, S] boolean -> [B, T, D]."""
+    """Grouped-query self-attention. x [B, T, D], mask [B, T, S] boolean -> [B, T, D].
+
+    `mask` must be causal in array order (query t never sees key s > t), as `attention_mask` builds it: the
+    queries are processed in blocks and block i only reads the keys up to its own end, which skips the fully
+    masked upper-right part of the score matrix (a quarter of it with two blocks).
+    """
     B, T, _ = x.shape
     H, G, K = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = dense(x, p["q_proj"], a.get("q_proj"), dropout).reshape(B, T, H, K)
     k = dense(x, p["k_proj"], a.get("k_proj"), dropout).reshape(B, T, G, K)
     v = dense(x, p["v_proj"], a.get("v_proj"), dropout).reshape(B, T, G, K)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    q = q.reshape(B, T, G, H // G, K)
-    scores = jnp.einsum("BTGQK,BSGK->BGQTS", q, k, preferred_element_type=jnp.float32) * (K ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BGQTS,BSGK->BTGQK", probs, v).reshape(B, T, H * K)
+    out = causal_attention(q.reshape(B, T, G, H // G, K), k, v, mask).reshape(B, T, H * K)
     return dense(out, p["o_proj"], a.get("o_proj"), dropout)
+
+
+def query_blocks(T: int, min_block: int = 128, max_blocks: int = 8) -> int:
+    """How many equal query blocks causal attention over T positions uses (1 for short sequences)."""
+    n = 1
+    while n * 2 <= max_blocks and T % (n * 2) == 0 and T // (n * 2) >= min_block:
+        n *= 2
+    return n
+
+
+def causal_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(K) masked) v for q [B, T, G, Q, K], k and v [B, S, G, K], mask [B, T, S] causal.
+
+    The Q query heads that share a key/value head are stacked along time ([B, G, Q*T, K]), so each (batch, group)
+    pair is one larger matmul instead of Q small ones. Scores and softmax are float32.
+    """
+    B, T, G, Q, K = q.shape
+    n = query_blocks(T) if k.shape[1] == T else 1
+    c = T // n
+    qg = jnp.moveaxis(q, 1, 3)  # [B, G, Q, T, K]
+    outs = []
+    for i in range(n):
+        S = (i + 1) * c if n > 1 else k.shape[1]
+        qi = qg[:, :, :, i * c:(i + 1) * c].reshape(B, G, Q * c, K)
+        s = jnp.einsum("bgmk,bsgk->bgms", qi, k[:, :S], preferred_element_type=jnp.float32) * (K ** -0.5)
+        s = jnp.where(mask[:, None, None, i * c:(i + 1) * c, :S], s.reshape(B, G, Q, c, S), _NEG)
+        probs = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(B, G, Q * c, S)
+        outs.append(jnp.einsum("bgms,bsgk->bgmk", probs, v[:, :S]).reshape(B, G, Q, c, K))
+    out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
+    return jnp.moveaxis(out, 3, 1)  # [B, T, G, Q, K]
 
 
 def _activation(name):

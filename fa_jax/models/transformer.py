@@ -104,8 +104,30 @@ def _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout):
     return x + layers.mlp(config, lp["mlp"], la.get("mlp", {}), h, dropout)
 
 
+REMAT_POLICIES = {
+    # recompute everything of the layer in the backward pass: least memory, one more forward pass
+    "full": None,
+    # keep the outputs of the projections (matmuls without batch dimensions); recompute norms, rope, attention
+    # scores and softmax, activations: most of the memory saving at a small fraction of the compute
+    "dots": "dots_with_no_batch_dims_saveable",
+    # keep every matmul output, attention scores included
+    "all_dots": "dots_saveable",
+}
+
+
+def remat_policy(remat):
+    """The jax.checkpoint policy for `remat` = True / "full", "dots" or "all_dots" (see REMAT_POLICIES)."""
+    from fa_jax.errors import FaJaxError
+
+    name = "full" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise FaJaxError(f"model.remat={remat!r}: expected false, true or one of {', '.join(REMAT_POLICIES)}")
+    policy = REMAT_POLICIES[name]
+    return None if policy is None else getattr(jax.checkpoint_policies, policy)
+
+
 def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions=None, segment_ids=None,
-                  dtype=None, dropout_rate: float = 0.0, rng=None, remat: bool = False):
+                  dtype=None, dropout_rate: float = 0.0, rng=None, remat=False):
     """Final-norm hidden states [B, T, D] in the compute dtype. See `forward` for the arguments."""
     emb = params["model"]["embed_tokens"]["embedding"]
     dtype = jnp.dtype(dtype or emb.dtype)
@@ -126,7 +148,7 @@ def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions
     for i in range(config.num_hidden_layers):
         fn = lambda lp, la, x, i=i: _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout)
         if remat:
-            fn = jax.checkpoint(fn)
+            fn = jax.checkpoint(fn, policy=remat_policy(remat))
         x = fn(params["model"]["layers"][str(i)], layer_adapters.get(str(i), {}), x)
     return layers.rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, config.norm_offset)
 
@@ -136,6 +158,14 @@ def lm_head_kernel(config, params):
     if config.tie_word_embeddings:
         return params["model"]["embed_tokens"]["embedding"].T
     return params["lm_head"]["kernel"]
+
+
+def lm_head(config, params):
+    """(weight, vocab_major): the output projection as stored, [V, D] (the tied embedding, vocab_major True) or
+    [D, V]; for code that can use either orientation without a transposed copy."""
+    if config.tie_word_embeddings:
+        return params["model"]["embed_tokens"]["embedding"], True
+    return params["lm_head"]["kernel"], False
 
 
 def lm_logits(config, params, hidden):
