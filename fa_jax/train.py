@@ -38,7 +38,9 @@ def pretrain_defaults() -> dict:
             "keep_layers": None,  # None | "every_other" | [layer indices] of the student
             "dtype": "float32",  # storage dtype of both models' frozen weights
             "compute_dtype": None,  # e.g. "bfloat16"; None = the storage dtype
-            "remat": False,  # recompute the student's layers in the backward pass (less activation memory)
+            # recompute the student's layers in the backward pass: None/"none" (keep all activations), "full" (recompute
+            # everything: least memory), "dots" (keep the projections' outputs), "all_dots" (keep every matmul's)
+            "remat": None,
         },
         "adapter": {"kind": "lora", "rank": 8, "alpha": 16.0, "targets": "all-linear", "dropout": 0.0,
                     "use_rslora": False, "init": "kaiming"},
@@ -130,7 +132,7 @@ def make_train_step(loss_fn, optimizer, schedule, grad_accum: int = 1, batch_sha
 def remat_setting(cfg):
     """cfg.model.remat as `transformer.hidden_states` takes it: False, or a policy name (checked here)."""
     r = cfg.model.remat
-    if r in (False, None, 0):
+    if r in (False, None, 0, "none"):
         return False
     transformer.remat_policy(r)  # a clear error for an unknown name
     return "full" if r is True else r

@@ -195,7 +195,8 @@ def bench_fa_jax(args) -> dict:
     if args.chunk_size:
         overrides["loss"]["chunk_size"] = args.chunk_size
     if args.remat != "config":
-        overrides["model"]["remat"] = run_config.parse_value(args.remat)
+        remat = run_config.parse_value(args.remat)
+        overrides["model"]["remat"] = {False: "none", True: "full"}.get(remat, remat)
     cfg = run_config.merge(cfg, overrides, "bench_kd_step")
     mesh = sh.make_mesh(cfg.mesh.shape)
     rules = tuple(tuple(r) for r in cfg.mesh.rules) if cfg.mesh.rules else sh.DEFAULT_RULES

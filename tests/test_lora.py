@@ -109,3 +109,29 @@ def test_dropout_only_in_training(llama):
     np.testing.assert_array_equal(
         np.asarray(fa_jax.forward(config, params, toks, adapters=zero, dropout_rate=0.5, rng=jax.random.PRNGKey(3))),
         np.asarray(fa_jax.forward(config, params, toks)))
+
+
+def test_low_rank_backward_equals_autodiff_of_the_formula():
+    """The written-out backward pass of the LoRA term against JAX's own derivative of scale * (x @ A) @ B."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((12, 3)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((3, 7)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 5, 7)), jnp.float32)
+    adapter = {"lora_A": a, "lora_B": b, "scale": jnp.float32(1.5)}
+    y = jnp.zeros((2, 5, 7))
+
+    def plain(x, a, b):
+        return y + 1.5 * np.float32(1) * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
+
+    def ours(x, a, b):
+        return lora.apply(x, y, {**adapter, "lora_A": a, "lora_B": b})
+
+    want_y, want_vjp = jax.vjp(plain, x, a, b)
+    got_y, got_vjp = jax.vjp(ours, x, a, b)
+    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-6, atol=1e-6)
+    for got, want in zip(got_vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # the scale is a constant of the adapter: zero cotangent
+    ds = jax.grad(lambda s: jnp.sum(lora.apply(x, y, {**adapter, "scale": s})))(jnp.float32(1.5))
+    assert float(ds) == 0.0

@@ -233,3 +233,20 @@ def test_chunked_needs_a_fraction_of_the_memory():
     print(f"value_and_grad temp memory, B={b} T={t} V={v}: reference {temp['reference'] / 2**20:.1f} MiB, "
           f"chunked {temp['chunked'] / 2**20:.1f} MiB ({temp['reference'] / temp['chunked']:.1f}x)")
     assert temp["reference"] >= 3 * temp["chunked"]
+
+
+def test_chunked_takes_vocab_major_heads():
+    """A tied head given as the [V, D] embedding gives the numbers of its [D, V] transpose, padding rows too."""
+    hs, ws, ht, wt, labels, mask = _hidden(9)  # Vs 56, Vt 50: the shared 50 entries count
+
+    def run(**kw):
+        sw = ws.T.copy() if kw.get("student_head_vd") else ws
+        tw = wt.T.copy() if kw.get("teacher_head_vd") else wt
+        return jax.value_and_grad(lambda h: losses.chunked_distill_loss(h, sw, ht, tw, labels, mask, chunk_size=8,
+                                                                        **kw)[0])(hs)
+
+    want, want_g = run()
+    for kw in ({"student_head_vd": True}, {"teacher_head_vd": True}, {"student_head_vd": True, "teacher_head_vd": True}):
+        got, got_g = run(**kw)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-5, atol=1e-6)

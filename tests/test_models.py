@@ -110,3 +110,57 @@ def test_segment_positions():
     seg = jnp.array([[0, 0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 0, 0, 0]])
     np.testing.assert_array_equal(transformer.segment_positions(seg),
                                   [[0, 1, 0, 1, 2, 0, 1], [0, 1, 2, 3, 0, 1, 2]])
+
+
+@pytest.mark.parametrize("T,window", [(256, 0), (512, 100), (96, 0)])
+def test_blocked_causal_attention_matches_numpy(T, window):
+    """Queries processed in causal blocks (2 for T=256, 4 for T=512) give plain masked softmax attention, with
+    packed documents and a sliding window."""
+    from fa_jax.models import layers
+
+    assert layers.query_blocks(256) == 2 and layers.query_blocks(512) == 4 and layers.query_blocks(96) == 1
+    rng = np.random.default_rng(T)
+    B, G, Q, K = 2, 2, 3, 8
+    q = rng.standard_normal((B, T, G, Q, K)).astype(np.float32)
+    k = rng.standard_normal((B, T, G, K)).astype(np.float32)
+    v = rng.standard_normal((B, T, G, K)).astype(np.float32)
+    seg = np.ones((B, T), np.int32)
+    seg[0, T // 3:] = 2  # two documents in row 0
+    seg[1, -7:] = 0  # padding at the end of row 1
+    mask = np.asarray(layers.attention_mask(jnp.asarray(seg), window=window))
+    got = np.asarray(jax.jit(layers.causal_attention)(q, k, v, jnp.asarray(mask)))
+    scores = np.einsum("btgqk,bsgk->bgqts", q, k) / np.sqrt(K)
+    scores = np.where(mask[:, None, None], scores, -np.inf)
+    scores = np.where(mask.any(-1)[:, None, None, :, None], scores, 0.0)  # fully masked rows: uniform, like ours
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bgqts,bsgk->btgqk", p, v)
+    real = seg > 0
+    np.testing.assert_allclose(got[real], want[real], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "all_dots"])
+def test_remat_policies_change_nothing(remat, hf_dirs):
+    from fa_jax import lora
+
+    config, params = fa_jax.load_model(hf_dirs["llama"][0])
+    ad = lora.init_lora(config, jax.random.PRNGKey(0), rank=4)
+    ad = jax.tree.map(lambda x: x + 0.01 if x.ndim == 2 else x, ad)
+    toks = jnp.arange(24).reshape(2, 12) % config.vocab_size
+
+    def loss(a, remat):
+        return jnp.sum(transformer.hidden_states(config, params, toks, a, remat=remat) ** 2)
+
+    f = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    want_v, want_g = f(ad, False)
+    got_v, got_g = f(ad, remat)
+    np.testing.assert_allclose(float(got_v), float(want_v), rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):  # float32 rounding of a different schedule
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-5 * float(np.abs(w).max()) + 1e-7)
+
+
+def test_unknown_remat_policy_is_a_clear_error():
+    from fa_jax.errors import FaJaxError
+
+    with pytest.raises(FaJaxError, match="model.remat=.sometimes.: expected false, true or one of none, full, dots"):
+        transformer.remat_policy("sometimes")

@@ -44,3 +44,36 @@ def test_masked_adamw_clips_skips_nonfinite_and_leaves_constants_alone():
     updates, state = opt.update(bad, state, params)
     assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
     assert int(optim.nonfinite_count(state)) == 1
+
+
+def test_global_reductions_match_optax_and_visit_the_last_layer_first():
+    import optax
+
+    rng = np.random.default_rng(0)
+    tree = {"model": {"layers": {str(i): {"q": {"lora_A": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32)}}
+                                 for i in range(12)}},
+            "prompt": jnp.asarray(rng.standard_normal(4), jnp.float32)}
+    np.testing.assert_allclose(float(optim.global_norm(tree)), float(optax.tree.norm(tree)), rtol=1e-6)
+    order = optim.backward_ordered_leaves(tree)
+    flat = dict(jax.tree_util.tree_leaves_with_path(tree))
+    by_id = {id(v): jax.tree_util.keystr(k) for k, v in flat.items()}
+    names = [by_id[id(x)] for x in order]
+    assert names[0].startswith("['model']['layers']['11']") and names[10].startswith("['model']['layers']['1']")
+    assert names[11].startswith("['model']['layers']['0']") and names[-1] == "['prompt']"
+    assert bool(optim.all_finite(tree))
+    tree["model"]["layers"]["3"]["q"]["lora_A"] = tree["model"]["layers"]["3"]["q"]["lora_A"].at[0, 0].set(jnp.inf)
+    assert not bool(optim.all_finite(tree))
+
+
+def test_skipping_gives_up_after_max_consecutive_nonfinite():
+    params = {"w": jnp.ones(2)}
+    opt, _ = optim.make_optimizer({"w": True}, lr=0.1, steps=10, warmup_steps=0, schedule_name="constant",
+                                  clip_norm=None, max_consecutive_nonfinite=2)
+    state = opt.init(params)
+    bad = {"w": jnp.array([jnp.nan, 1.0])}
+    moved = []
+    for _ in range(4):
+        updates, state = opt.update(bad, state, params)
+        moved.append(bool(jnp.any(updates["w"] != 0)))
+    assert moved == [False, False, True, True]  # the third bad step in a row is applied, as optax does
+    assert int(optim.nonfinite_count(state)) == 4

@@ -116,12 +116,13 @@ REMAT_POLICIES = {
 
 
 def remat_policy(remat):
-    """The jax.checkpoint policy for `remat` = True / "full", "dots" or "all_dots" (see REMAT_POLICIES)."""
+    """The jax.checkpoint policy for `remat` = True / "full", "dots" or "all_dots" (see REMAT_POLICIES); False and
+    "none" mean no rematerialization."""
     from fa_jax.errors import FaJaxError
 
     name = "full" if remat is True else remat
     if name not in REMAT_POLICIES:
-        raise FaJaxError(f"model.remat={remat!r}: expected false, true or one of {', '.join(REMAT_POLICIES)}")
+        raise FaJaxError(f"model.remat={remat!r}: expected false, true or one of none, {', '.join(REMAT_POLICIES)}")
     policy = REMAT_POLICIES[name]
     return None if policy is None else getattr(jax.checkpoint_policies, policy)
 
@@ -147,7 +148,7 @@ def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions
     layer_adapters = adapters.get("model", {}).get("layers", {})
     for i in range(config.num_hidden_layers):
         fn = lambda lp, la, x, i=i: _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout)
-        if remat:
+        if remat and remat != "none":
             fn = jax.checkpoint(fn, policy=remat_policy(remat))
         x = fn(params["model"]["layers"][str(i)], layer_adapters.get(str(i), {}), x)
     return layers.rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, config.norm_offset)
