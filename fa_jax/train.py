@@ -186,8 +186,11 @@ def check_same_tokenizer(t_tok, s_tok, t_path, s_path):
                          f"tokens; first difference {diff[0] if diff else '?'}): distillation needs one tokenizer")
 
 
-def init_state(cfg, student_cfg, mesh, rules):
-    """The train state {step, adapters, opt_state, rng}, created directly in its sharding."""
+def init_state(cfg, student_cfg, mesh, rules, adapters=None):
+    """The train state {step, adapters, opt_state, rng}, created directly in its sharding.
+
+    `adapters`: a LoRA tree to start from (a foundation or PEFT adapter); None draws a fresh one from cfg.adapter.
+    """
     a = cfg.adapter
     if a.kind != "lora":
         raise FaJaxError(f"adapter.kind={a.kind!r}: supported kinds: lora")
@@ -196,7 +199,10 @@ def init_state(cfg, student_cfg, mesh, rules):
                              use_rslora=bool(a.use_rslora), init=a.init)
     shapes = jax.eval_shape(init, rng)
     adapter_sh = sh.tree_shardings(student_cfg, shapes, mesh, rules)
-    adapters = jax.jit(init, out_shardings=adapter_sh)(rng)
+    if adapters is None:
+        adapters = jax.jit(init, out_shardings=adapter_sh)(rng)
+    else:
+        adapters = jax.device_put(jax.tree.map(lambda x, s: np.asarray(x, s.dtype), adapters, shapes), adapter_sh)
     o = cfg.optim
     optimizer, schedule = optim.make_optimizer(
         lora.trainable_mask(adapters), lr=float(o.lr), steps=int(cfg.run.steps), warmup_steps=int(o.warmup_steps),
@@ -303,13 +309,42 @@ def pretrain(cfg, batches=None) -> dict:
     mesh = sh.make_mesh(cfg.mesh.shape)
     if batches is None:
         validate(cfg, mesh)
+    out_dir = prepare_out_dir(cfg)
+    rules = mesh_rules(cfg)
+    teacher_cfg, teacher, student_cfg, student, tokenizer = load_models(cfg, mesh, rules)
+    if batches is None:
+        d = cfg.data
+        docs = data_lib.load_documents(d.train, split=d.text_split, text_field=d.text_field, on_error=d.on_error,
+                                       streaming=bool(d.streaming))
+        batches = RowStreams(docs, tokenizer, seq_len=int(d.seq_len), global_rows=int(d.batch_size), seed=int(d.seed),
+                             add_bos=d.add_bos, add_eos=d.add_eos, on_error=d.on_error, streaming=bool(d.streaming),
+                             split=d.text_split, text_field=d.text_field)
+    return train_loop(cfg, mesh, rules, out_dir, (teacher_cfg, teacher, student_cfg, student), batches,
+                      desc="pretrain")
+
+
+def prepare_out_dir(cfg) -> str:
     out_dir = os.path.abspath(cfg.run.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if jax.process_index() == 0:
         run_config.dump(cfg, os.path.join(out_dir, "config.json"))
-    rules = tuple(tuple(r) for r in cfg.mesh.rules) if cfg.mesh.rules else sh.DEFAULT_RULES
-    teacher_cfg, teacher, student_cfg, student, tokenizer = load_models(cfg, mesh, rules)
-    state, optimizer, schedule = init_state(cfg, student_cfg, mesh, rules)
+    return out_dir
+
+
+def mesh_rules(cfg):
+    return tuple(tuple(r) for r in cfg.mesh.rules) if cfg.mesh.rules else sh.DEFAULT_RULES
+
+
+def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapters=None) -> dict:
+    """The loop shared by `pretrain` and `fa_jax.sft.finetune`: one jitted step over `batches` (an iterator of
+    local numpy batches with tokens, labels, mask, segment_ids, positions; with state()/restore() when its position
+    belongs in checkpoints), checkpoints, resume, SIGTERM, metrics, PEFT export. models = (teacher_cfg, teacher,
+    student_cfg, student); the teacher may be None when loss.alpha is 0. `adapters`: the starting adapter (None:
+    a fresh one from cfg.adapter)."""
+    teacher_cfg, teacher, student_cfg, student = models
+    teacher_cfg = teacher_cfg or student_cfg
+    teacher = {} if teacher is None else teacher
+    state, optimizer, schedule = init_state(cfg, student_cfg, mesh, rules, adapters)
 
     batch_sh = sh.batch_sharding(mesh, rules)
     loss_fn = make_loss_fn(student_cfg, teacher_cfg, cfg.loss, cfg.model.compute_dtype, float(cfg.adapter.dropout),
@@ -322,13 +357,6 @@ def pretrain(cfg, batches=None) -> dict:
 
     step_fn = jit_train_step(counted, state, student, teacher, mesh, rules)
 
-    if batches is None:
-        d = cfg.data
-        docs = data_lib.load_documents(d.train, split=d.text_split, text_field=d.text_field, on_error=d.on_error,
-                                       streaming=bool(d.streaming))
-        batches = RowStreams(docs, tokenizer, seq_len=int(d.seq_len), global_rows=int(d.batch_size), seed=int(d.seed),
-                             add_bos=d.add_bos, add_eos=d.add_eos, on_error=d.on_error, streaming=bool(d.streaming),
-                             split=d.text_split, text_field=d.text_field)
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=int(cfg.run.keep_checkpoints),
                         async_save=bool(cfg.run.async_checkpoint))
     start = 0
@@ -339,7 +367,7 @@ def pretrain(cfg, batches=None) -> dict:
         print(f"resumed from step {start} ({ckpt.directory})")
     steps = int(cfg.run.steps)
     stop_at = steps if cfg.run.stop_after is None else min(steps, start + int(cfg.run.stop_after))
-    logger = MetricsLogger(out_dir, steps, start, tensorboard=bool(cfg.run.tensorboard), desc="pretrain")
+    logger = MetricsLogger(out_dir, steps, start, tensorboard=bool(cfg.run.tensorboard), desc=desc)
     n_tokens = int(cfg.data.batch_size) * int(cfg.data.seq_len)
     flops = kd_step_flops(transformer.count_params(student_cfg), transformer.count_params(teacher_cfg), n_tokens,
                           with_teacher=float(cfg.loss.alpha) > 0)
