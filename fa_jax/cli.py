@@ -3,6 +3,7 @@
     fa-jax info PATH                      # architecture and parameter count of an HF directory or .gguf file
     fa-jax convert PATH OUT_DIR           # HF directory or .gguf file -> HF directory (safetensors + tokenizer)
     fa-jax pretrain --config FILE [key=value ...]   # foundation-adapter pre-training (KD + LM)
+    fa-jax sft --config FILE init=foundation:RUN ...  # downstream fine-tuning (response tokens only)
     fa-jax diff --base DIR --tuned DIR --out DIR    # RE-Adapter = tuned - base
     fa-jax truncate --delta DIR (--tau 0.5 | --rank 64) --out DIR   # LoRE-Adapter (PEFT LoRA directory)
     fa-jax merge --base DIR --adapter DIR[:SCALE] ... --out DIR   # partial adaptation -> HF directory
@@ -66,6 +67,23 @@ def _pretrain(args) -> None:
           + (", adapter_peft/)" if "peft_adapter" in summary else ")"))
 
 
+def _sft(args) -> None:
+    from fa_jax import run_config, sft
+
+    cfg = run_config.load(args.config, sft.sft_defaults(), args.overrides)
+    if args.print_config:
+        import json
+
+        print(json.dumps(cfg, indent=2, default=str))
+        return
+    summary = sft.finetune(cfg)
+    m = summary["metrics"]
+    print(f"step {summary['step']}/{summary['steps']}: loss {m.get('loss', float('nan')):.4f} "
+          f"(response-token cross-entropy {m.get('lm', float('nan')):.4f}), {m.get('tokens_per_s', 0):.0f} tokens/s")
+    print(f"wrote {summary['out_dir']} (checkpoints, metrics.jsonl, tensorboard/, loss_curve.png"
+          + (", adapter_peft/)" if "peft_adapter" in summary else ")"))
+
+
 def _diff(args) -> None:
     from fa_jax import readapt
 
@@ -124,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain", help="pre-train a foundation adapter (KD from a teacher + LM on text)")
     _add_run_args(s)
     s.set_defaults(fn=_pretrain)
+    s = sub.add_parser("sft", help="fine-tune an adapter downstream (init=foundation:RUN | peft:DIR | random)")
+    _add_run_args(s)
+    s.set_defaults(fn=_sft)
     s = sub.add_parser("diff", help="RE-Adapter: the difference tuned - base, tensor by tensor")
     s.add_argument("--base", required=True, help="the pretrained model (HF directory)")
     s.add_argument("--tuned", required=True, help="the instruction-tuned model (HF directory, same architecture)")

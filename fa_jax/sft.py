@@ -1,0 +1,360 @@
+"""Downstream fine-tuning (SFT) of an adapter, starting from a foundation adapter, a PEFT adapter or random.
+
+    fa-jax sft --config configs/sft_smollm2.py init=foundation:runs/pretrain_smollm2 data.train=train.jsonl
+
+The loop is pre-training's (`train.train_loop`: one jitted step, checkpoints, resume, SIGTERM, metrics, PEFT
+export); only the data and the loss differ. The loss is next-token cross-entropy on response tokens only
+(`loss.alpha = 0`); `loss.alpha > 0` adds distillation from `model.teacher` on the same tokens.
+
+Records (JSON Lines, parquet, a `save_to_disk` directory, or a `datasets.Dataset`):
+  {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}   chat
+  {"prompt": ..., "response" | "completion": ...}
+  {"instruction": ..., "input": optional, "output" | "response": ...}
+  {"question": ..., "answer": ...}
+With a chat template in the tokenizer (and `data.chat_template` true) every record is rendered as a conversation
+with the template's own special tokens; the loss covers each assistant turn (the template's end-of-turn tokens
+included). Without one, an example is [BOS] prompt response [EOS] and the loss covers response and EOS.
+
+Rows are one example each, padded (`data.pack = false`), or several whole examples packed into a row with segment
+ids (`data.pack = true`); an example longer than `data.seq_len + 1` tokens is cut (counted in a warning).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+
+import jax
+import numpy as np
+
+from fa_jax import run_config
+from fa_jax import sharding as sh
+from fa_jax.errors import FaJaxError
+
+INIT_KINDS = ("random", "foundation", "peft")
+
+
+def sft_defaults() -> dict:
+    """Every key an sft config may set, with its default."""
+    from fa_jax.train import pretrain_defaults
+
+    d = copy.deepcopy(pretrain_defaults())
+    d["init"] = "random"  # "random" | "foundation:RUN_DIR" (a fa_jax pretrain run) | "peft:ADAPTER_DIR"
+    d["model"].update({"student": "embedded:smollm2-135m-instruct", "teacher": None})
+    d["loss"].update({"alpha": 0.0})
+    d["data"] = {"train": None, "seq_len": 256, "batch_size": 8, "seed": 0, "pack": False, "chat_template": True,
+                 "prompt_field": None, "response_field": None, "on_error": "fail", "max_examples": None}
+    d["run"].update({"out_dir": "runs/sft", "steps": 100})
+    return d
+
+
+# ------------------------------------------------------------------------------------------------- records
+
+
+_PROMPT_KEYS = ("prompt", "instruction", "question")
+_RESPONSE_KEYS = ("response", "completion", "output", "answer")
+
+
+def load_records(spec, *, max_examples=None) -> list:
+    """A list of record dicts from a JSON Lines file, a parquet file, a `save_to_disk` directory, a list of dicts
+    or a `datasets.Dataset`. A bad JSON line is a FaJaxError naming file and line."""
+    if isinstance(spec, list) and all(isinstance(r, dict) for r in spec):
+        records = spec
+    elif isinstance(spec, str) and os.path.isdir(spec):
+        import datasets
+
+        ds = datasets.load_from_disk(spec)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[list(ds)[0]]
+        records = [dict(r) for r in ds]
+    elif isinstance(spec, str) and spec.endswith(".parquet"):
+        import datasets
+
+        records = [dict(r) for r in datasets.load_dataset("parquet", data_files=spec, split="train")]
+    elif isinstance(spec, str):
+        if not os.path.exists(spec):
+            raise FaJaxError(f"{spec}: no such file")
+        records = []
+        with open(spec, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise FaJaxError(f"{spec}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(rec, dict):
+                    raise FaJaxError(f"{spec}:{lineno}: a JSON {type(rec).__name__}; expected an object")
+                rec["_where"] = f"{spec}:{lineno}"
+                records.append(rec)
+    elif hasattr(spec, "__iter__"):
+        records = [dict(r) for r in spec]
+    else:
+        raise FaJaxError(f"data.train={spec!r}: expected a .jsonl/.parquet file, a save_to_disk directory or records")
+    if max_examples is not None:
+        records = records[: int(max_examples)]
+    if not records:
+        raise FaJaxError(f"data.train={spec!r}: no records")
+    return records
+
+
+def to_messages(record, index: int = 0, prompt_field=None, response_field=None) -> list:
+    """The record as chat messages [{"role", "content"}, ...] ending with an assistant turn."""
+    where = record.get("_where", f"record {index}")
+    if "messages" in record and prompt_field is None:
+        msgs = record["messages"]
+        if (not isinstance(msgs, list) or not msgs or
+                not all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in msgs)):
+            raise FaJaxError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise FaJaxError(f"{where}: 'messages' has no assistant turn to learn from")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    pk = prompt_field or next((k for k in _PROMPT_KEYS if k in record), None)
+    rk = response_field or next((k for k in _RESPONSE_KEYS if k in record), None)
+    fields = ", ".join(k for k in record if k != "_where") or "none"
+    if pk is None or pk not in record:
+        raise FaJaxError(f"{where}: no prompt field ({prompt_field or ' / '.join(_PROMPT_KEYS)}; fields: {fields})")
+    if rk is None or rk not in record:
+        raise FaJaxError(f"{where}: no response field ({response_field or ' / '.join(_RESPONSE_KEYS)}; "
+                         f"fields: {fields})")
+    prompt, response = record[pk], record[rk]
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        raise FaJaxError(f"{where}: fields {pk!r} and {rk!r} must be strings")
+    if pk == "instruction" and isinstance(record.get("input"), str) and record["input"].strip():
+        prompt = prompt + "\n\n" + record["input"]
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def _ids(x) -> list:
+    if hasattr(x, "keys") and "input_ids" in x:  # BatchEncoding from newer transformers
+        x = x["input_ids"]
+    return [int(t) for t in x]
+
+
+def encode(tokenizer, messages, *, chat: bool, where: str = "record") -> tuple[np.ndarray, np.ndarray]:
+    """(ids [L], target [L]): the token ids of one example and 1 where a token is a response token the loss
+    predicts (assistant content, its end-of-turn / EOS), 0 for prompt and template tokens."""
+    if chat:
+        ids, target = [], []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = _ids(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=True))
+            upto = _ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
+            if upto[: len(before)] != before or (ids and before[: len(ids)] != ids):
+                raise FaJaxError(f"{where}: the tokenizer's chat template does not render conversations prefix by "
+                                 "prefix, so response tokens cannot be located (set data.chat_template=false)")
+            target += [0] * (len(before) - len(ids)) + [1] * (len(upto) - len(before))
+            ids = upto
+        return np.asarray(ids, np.int32), np.asarray(target, np.int32)
+    prompt = "\n\n".join(m["content"] for m in messages[:-1])
+    p_ids = _ids(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    r_ids = _ids(tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"])
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = bos + p_ids + r_ids + eos
+    target = [0] * (len(bos) + len(p_ids)) + [1] * (len(r_ids) + len(eos))
+    return np.asarray(ids, np.int32), np.asarray(target, np.int32)
+
+
+def make_rows(examples, seq_len: int, pad_id: int, pack: bool) -> list[dict]:
+    """Training rows from encoded examples [(ids, target), ...]: int32 [T] tokens, labels, mask, segment_ids,
+    positions; mask[t] = 1 exactly where labels[t] is a response token of the same example as tokens[t]."""
+    T = seq_len
+    groups, cur, used = [], [], 0
+    for ids, target in examples:
+        ids, target = ids[: T + 1], target[: T + 1]
+        if pack and cur and used + len(ids) <= T + 1:
+            cur.append((ids, target))
+            used += len(ids)
+        else:
+            if cur:
+                groups.append(cur)
+            cur, used = [(ids, target)], len(ids)
+    if cur:
+        groups.append(cur)
+    rows = []
+    for g in groups:
+        row = np.full(T + 1, pad_id, np.int32)
+        tgt = np.zeros(T + 1, np.int32)
+        seg = np.zeros(T + 1, np.int32)
+        pos = np.zeros(T + 1, np.int32)
+        o = 0
+        for k, (ids, target) in enumerate(g, 1):
+            n = len(ids)
+            row[o:o + n], tgt[o:o + n], seg[o:o + n], pos[o:o + n] = ids, target, k, np.arange(n)
+            o += n
+        same = (seg[:T] == seg[1:]) & (seg[:T] > 0)
+        rows.append({"tokens": row[:T], "labels": row[1:], "mask": (same & (tgt[1:] > 0)).astype(np.int32),
+                     "segment_ids": seg[:T], "positions": pos[:T]})
+    return rows
+
+
+class SFTBatches:
+    """Global batches of `global_rows` rows, each process keeping its own slice; epochs in a seeded permutation.
+
+    Every process encodes the same global batch (examples are short) and keeps rows [p * B / P, (p + 1) * B / P),
+    so batches do not depend on the number of processes. `state()` / `restore()` give the exact position.
+    """
+
+    def __init__(self, records, tokenizer, *, seq_len: int, global_rows: int, seed: int = 0, pack: bool = False,
+                 chat=None, prompt_field=None, response_field=None):
+        self.records, self.tokenizer = records, tokenizer
+        self.T, self.B, self.seed, self.pack = int(seq_len), int(global_rows), int(seed), bool(pack)
+        self.chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else bool(chat)
+        if self.chat and not getattr(tokenizer, "chat_template", None):
+            self.chat = False
+        self.fields = (prompt_field, response_field)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.epoch, self.cursor, self.truncated = 0, 0, 0
+        self._cache = {}
+        P, p = jax.process_count(), jax.process_index()
+        self.local = slice(p * self.B // P, (p + 1) * self.B // P)
+
+    def example(self, i: int):
+        if i not in self._cache:
+            rec = self.records[i]
+            where = rec.get("_where", f"record {i}")
+            ids, target = encode(self.tokenizer, to_messages(rec, i, *self.fields), chat=self.chat, where=where)
+            if not target.any():
+                raise FaJaxError(f"{where}: the example has no response tokens")
+            if len(ids) > self.T + 1:
+                self.truncated += 1
+            self._cache[i] = (ids, target)
+        return self._cache[i]
+
+    def _order(self, epoch):
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rows = []
+        while len(rows) < self.B:
+            order = self._order(self.epoch)
+            group = []
+            # enough examples for the rows still missing (packed rows take several)
+            while self.cursor < len(order) and len(make_rows(group, self.T, self.pad_id, self.pack)) <= self.B - len(rows):
+                group.append(self.example(int(order[self.cursor])))
+                self.cursor += 1
+            made = make_rows(group, self.T, self.pad_id, self.pack)
+            if len(made) > self.B - len(rows):  # the last example opened a row too many: give it back
+                self.cursor -= 1
+                made = make_rows(group[:-1], self.T, self.pad_id, self.pack)
+            rows += made
+            if self.cursor >= len(order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+        if self.truncated:
+            warnings.warn(f"{self.truncated} SFT examples were longer than data.seq_len + 1 tokens and were cut")
+            self.truncated = 0
+        rows = rows[self.local]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+# ------------------------------------------------------------------------------------------- initial adapter
+
+
+def parse_init(init: str) -> tuple[str, str | None]:
+    kind, _, path = str(init).partition(":")
+    if kind not in INIT_KINDS or (kind == "random") != (not path):
+        raise FaJaxError(f"init={init!r}: expected random, foundation:RUN_DIR or peft:ADAPTER_DIR")
+    return kind, path or None
+
+
+def load_initial_adapter(cfg, student_cfg):
+    """The adapter tree `cfg.init` names (None for random), checked against cfg.adapter's targets and rank."""
+    from fa_jax import lora
+    from fa_jax.io.peft import CONFIG, load_peft
+
+    kind, path = parse_init(cfg.init)
+    if kind == "random":
+        return None
+    if not os.path.isdir(path):
+        raise FaJaxError(f"init={cfg.init}: {path} is not a directory")
+    if kind == "foundation":
+        run_cfg = os.path.join(path, "config.json")
+        if not os.path.exists(run_cfg):
+            raise FaJaxError(f"init={cfg.init}: {path} is not a fa_jax pre-training run (no config.json)")
+        keep = json.load(open(run_cfg)).get("model", {}).get("keep_layers")
+        if keep != cfg.model.keep_layers:
+            raise FaJaxError(f"init={cfg.init}: the foundation adapter was trained on a student with "
+                             f"keep_layers={keep}, this run uses model.keep_layers={cfg.model.keep_layers}")
+        peft_dir = os.path.join(path, "adapter_peft")
+        if os.path.exists(os.path.join(peft_dir, CONFIG)):
+            adapters = load_peft(student_cfg, peft_dir)
+        else:
+            from fa_jax.readapt import run_adapters
+
+            adapters = run_adapters(path, student_cfg)
+    else:
+        adapters = load_peft(student_cfg, path)
+    expected = {m: int(cfg.adapter.rank) for m in lora.resolve_targets(student_cfg, cfg.adapter.targets)}
+    got = {m: int(a["lora_A"].shape[1]) for m, a in lora.iter_modules(adapters)}
+    if expected != got:
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        ranks = sorted({r for r in got.values()})
+        raise FaJaxError(f"init={cfg.init}: the adapter does not match adapter.rank={cfg.adapter.rank}, "
+                         f"adapter.targets={cfg.adapter.targets!r} (adapter ranks {ranks}; missing modules "
+                         f"{missing[:3] or 'none'}; extra modules {extra[:3] or 'none'})")
+    return adapters
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+
+def load_student(cfg, mesh, rules):
+    """(student_cfg, student, tokenizer, teacher_cfg, teacher); the teacher only when loss.alpha > 0."""
+    import fa_jax
+    from fa_jax.embedded import resolve_model_path
+    from fa_jax.models import transformer
+    from fa_jax.train import check_same_tokenizer
+
+    rule_set = sh.Rules(mesh, rules)
+    path = resolve_model_path(cfg.model.student)
+    student_cfg, student = fa_jax.load_model(path, dtype=cfg.model.dtype, sharding=rule_set)
+    tokenizer = fa_jax.load_tokenizer(path)
+    teacher_cfg = teacher = None
+    if float(cfg.loss.alpha) > 0:
+        if cfg.model.teacher is None:
+            raise FaJaxError(f"loss.alpha={cfg.loss.alpha} distills from a teacher, but model.teacher is not set")
+        t_path = resolve_model_path(cfg.model.teacher)
+        teacher_cfg, teacher = fa_jax.load_model(t_path, dtype=cfg.model.dtype, sharding=rule_set)
+        check_same_tokenizer(fa_jax.load_tokenizer(t_path), tokenizer, t_path, path)
+    if cfg.model.keep_layers is not None:
+        student_cfg, student = transformer.select_layers(student_cfg, student, cfg.model.keep_layers)
+    return student_cfg, student, tokenizer, teacher_cfg, teacher
+
+
+def finetune(cfg, batches=None) -> dict:
+    """Run (or resume) SFT as `cfg` says (see `sft_defaults`); returns the summary dict of `train.train_loop`."""
+    from fa_jax import train
+
+    cfg = run_config.wrap(cfg)
+    parse_init(cfg.init)
+    mesh = sh.make_mesh(cfg.mesh.shape)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    B = int(cfg.data.batch_size)
+    if B % rows or B % (jax.process_count() * int(cfg.optim.grad_accum)):
+        raise FaJaxError(f"data.batch_size={B} must be divisible by the mesh's data x fsdp size {rows} and by "
+                         f"processes x optim.grad_accum")
+    if batches is None and cfg.data.train is None:
+        raise FaJaxError("data.train is not set: give a JSONL/parquet file or a save_to_disk directory of records")
+    out_dir = train.prepare_out_dir(cfg)
+    rules = train.mesh_rules(cfg)
+    student_cfg, student, tokenizer, teacher_cfg, teacher = load_student(cfg, mesh, rules)
+    adapters = load_initial_adapter(cfg, student_cfg)
+    if batches is None:
+        d = cfg.data
+        batches = SFTBatches(load_records(d.train, max_examples=d.max_examples), tokenizer, seq_len=int(d.seq_len),
+                             global_rows=B, seed=int(d.seed), pack=bool(d.pack), chat=bool(d.chat_template),
+                             prompt_field=d.prompt_field, response_field=d.response_field)
+    return train.train_loop(cfg, mesh, rules, out_dir, (teacher_cfg, teacher, student_cfg, student), batches,
+                            desc="sft", adapters=adapters)
