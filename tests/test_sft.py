@@ -186,3 +186,19 @@ def test_two_step_sft_from_the_command_line(tmp_path, setup, capsys):
     assert main(["sft", "--config", str(conf), "init=peft:/nonexistent", f"model.student={root / 'model'}",
                  f"data.train={data}", f"run.out_dir={tmp_path / 'run2'}"]) == 2
     assert "init=peft:/nonexistent: /nonexistent is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,kind", [("pretrain_smollm2", "pretrain"), ("pretrain_llama31_8b_to_llama32_1b", "pretrain"),
+                                       ("sft_smollm2", "sft")])
+def test_shipped_run_configs_resolve(name, kind):
+    """Every key of the shipped run configs exists in the defaults, with the right type."""
+    import os
+
+    from fa_jax import run_config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
+    defaults = train.pretrain_defaults() if kind == "pretrain" else sft.sft_defaults()
+    cfg = run_config.load(path, defaults)
+    assert train.remat_setting(cfg) in (False, "full", "dots", "all_dots")
+    if kind == "sft":
+        assert sft.parse_init(cfg.init)[0] == "foundation"
