@@ -4,6 +4,7 @@
     fa-jax convert PATH OUT_DIR           # HF directory or .gguf file -> HF directory (safetensors + tokenizer)
     fa-jax pretrain --config FILE [key=value ...]   # foundation-adapter pre-training (KD + LM)
     fa-jax sft --config FILE init=foundation:RUN ...  # downstream fine-tuning (response tokens only)
+    fa-jax eval --model M [--adapter DIR] --perplexity TEXT | --qa RECORDS | --agreement TEXT --teacher T
     fa-jax diff --base DIR --tuned DIR --out DIR    # RE-Adapter = tuned - base
     fa-jax truncate --delta DIR (--tau 0.5 | --rank 64) --out DIR   # LoRE-Adapter (PEFT LoRA directory)
     fa-jax merge --base DIR --adapter DIR[:SCALE] ... --out DIR   # partial adaptation -> HF directory
@@ -84,6 +85,72 @@ def _sft(args) -> None:
           + (", adapter_peft/)" if "peft_adapter" in summary else ")"))
 
 
+def _load_eval_adapter(path, config, keep_layers):
+    """(config, adapters, keep_layers) for `eval --adapter`: a PEFT directory or a fa_jax run directory (its
+    exported adapter, on the student its config.json names with keep_layers)."""
+    import json
+
+    from fa_jax.io.peft import CONFIG, load_peft
+
+    if path is None:
+        return None, keep_layers
+    if not os.path.isdir(path):
+        raise FaJaxError(f"--adapter {path}: no such directory")
+    run_cfg = os.path.join(path, "config.json")
+    if os.path.exists(os.path.join(path, "adapter_peft", CONFIG)):
+        if keep_layers is None and os.path.exists(run_cfg):
+            keep_layers = json.load(open(run_cfg)).get("model", {}).get("keep_layers")
+        return os.path.join(path, "adapter_peft"), keep_layers
+    if os.path.exists(os.path.join(path, CONFIG)):
+        return path, keep_layers
+    raise FaJaxError(f"--adapter {path}: not a PEFT adapter directory or a fa_jax run with adapter_peft/")
+
+
+def _eval(args) -> None:
+    import json
+
+    import fa_jax
+    from fa_jax import evaluate
+    from fa_jax.embedded import resolve_model_path
+    from fa_jax.io.atomic import write_text
+    from fa_jax.models import transformer
+
+    if not (args.perplexity or args.agreement or args.qa):
+        raise FaJaxError("eval: nothing to do; give --perplexity TEXT, --agreement TEXT (with --teacher) or --qa "
+                         "RECORDS.jsonl")
+    if args.agreement and not args.teacher:
+        raise FaJaxError("eval --agreement needs --teacher MODEL")
+    keep = args.keep_layers
+    if keep not in (None, "every_other"):
+        keep = [int(i) for i in keep.split(",")]
+    adapter_dir, keep = _load_eval_adapter(args.adapter, None, keep)
+    path = resolve_model_path(args.model)
+    config, params = fa_jax.load_model(path, dtype=args.dtype)
+    tokenizer = fa_jax.load_tokenizer(path)
+    if keep is not None:
+        config, params = transformer.select_layers(config, params, keep)
+    adapters = fa_jax.load_peft(config, adapter_dir) if adapter_dir else None
+    summary = {"model": args.model, "adapter": args.adapter, "keep_layers": keep}
+    kw = dict(seq_len=args.seq_len, batch_size=args.batch_size)
+    if args.perplexity:
+        summary["perplexity"] = evaluate.perplexity(config, params, tokenizer, args.perplexity, adapters=adapters,
+                                                    **kw)
+    if args.agreement:
+        t_path = resolve_model_path(args.teacher)
+        t_cfg, teacher = fa_jax.load_model(t_path, dtype=args.dtype)
+        summary["teacher_agreement"] = evaluate.teacher_agreement(t_cfg, teacher, config, params, tokenizer,
+                                                                  args.agreement, adapters=adapters, **kw)
+    if args.qa:
+        summary["qa"] = evaluate.evaluate_qa(config, params, tokenizer, args.qa, adapters=adapters,
+                                             max_new_tokens=args.max_new_tokens, with_context=args.with_context,
+                                             out_dir=args.out)
+    text = json.dumps(summary, indent=2, default=str)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        write_text(os.path.join(args.out, "eval_summary.json"), text + "\n")
+
+
 def _diff(args) -> None:
     from fa_jax import readapt
 
@@ -145,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sft", help="fine-tune an adapter downstream (init=foundation:RUN | peft:DIR | random)")
     _add_run_args(s)
     s.set_defaults(fn=_sft)
+    s = sub.add_parser("eval", help="perplexity, teacher agreement and QA scores (ROUGE-L, exact match)")
+    s.add_argument("--model", required=True, help="HF directory, .gguf file or embedded:NAME")
+    s.add_argument("--adapter", help="PEFT adapter directory or fa_jax run directory (uses its keep_layers)")
+    s.add_argument("--keep-layers", help="evaluate a pruned model: every_other or comma-separated layer indices")
+    s.add_argument("--teacher", help="teacher model for --agreement")
+    s.add_argument("--perplexity", metavar="TEXT", help="held-out text (any data.train source) for perplexity")
+    s.add_argument("--agreement", metavar="TEXT", help="held-out text for KL(teacher || model) and top-1 agreement")
+    s.add_argument("--qa", metavar="RECORDS", help="JSON Lines {question|prompt, reference, context?}")
+    s.add_argument("--with-context", action="store_true", help="QA prompt with the record's context passage")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--out", help="directory for eval_summary.json (and predictions.jsonl, summary.json of --qa)")
+    s.set_defaults(fn=_eval)
     s = sub.add_parser("diff", help="RE-Adapter: the difference tuned - base, tensor by tensor")
     s.add_argument("--base", required=True, help="the pretrained model (HF directory)")
     s.add_argument("--tuned", required=True, help="the instruction-tuned model (HF directory, same architecture)")

@@ -95,7 +95,9 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(records))
     test = [records[i] for i in order[: args.eval_n]]
-    pool = [{"prompt": records[i]["question"], "response": records[i]["reference"]} for i in order[args.eval_n:]]
+    # the training prompts are the evaluation's own prompt format
+    pool = [{"prompt": evaluate.qa_prompt(records[i]), "response": records[i]["reference"]}
+            for i in order[args.eval_n:]]
     ns = [int(n) for n in args.ns.split(",")]
     if max(ns) > len(pool):
         print(f"--ns asks for {max(ns)} examples; the task has {len(pool)} training entries")

@@ -202,3 +202,28 @@ def test_shipped_run_configs_resolve(name, kind):
     assert train.remat_setting(cfg) in (False, "full", "dots", "all_dots")
     if kind == "sft":
         assert sft.parse_init(cfg.init)[0] == "foundation"
+
+
+def test_eval_command_perplexity_and_qa(tmp_path, setup, capsys):
+    """`fa-jax eval` on a run directory: the perplexity equals evaluate.perplexity with the run's PEFT adapter."""
+    from fa_jax import evaluate
+
+    root, tok, data = setup
+    run = tmp_path / "run"
+    assert main(["sft", f"model.student={root / 'model'}", f"data.train={data}", "data.seq_len=24",
+                 "data.batch_size=4", "run.steps=1", f"run.out_dir={run}", "run.tensorboard=false",
+                 "adapter.rank=4", "mesh.shape=[1,1,1]"]) in (0, None)
+    corpus = write_corpus(tmp_path / "held.txt", n_docs=6, max_words=12)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "the hacker", "reference": "program"}) + "\n")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(root / "model"), "--adapter", str(run), "--perplexity", corpus,
+                 "--qa", str(qa), "--max-new-tokens", "3", "--seq-len", "16", "--out", str(tmp_path / "ev")]) in (0, None)
+    summary = json.loads((tmp_path / "ev" / "eval_summary.json").read_text())
+    config, params = fa_jax.load_model(str(root / "model"))
+    adapters = fa_jax.load_peft(config, str(run / "adapter_peft"))
+    want = evaluate.perplexity(config, params, tok, corpus, adapters=adapters, seq_len=16, batch_size=4)
+    np.testing.assert_allclose(summary["perplexity"]["perplexity"], want["perplexity"], rtol=1e-6)
+    assert summary["qa"]["n"] == 1 and (tmp_path / "ev" / "predictions.jsonl").exists()
+    assert main(["eval", "--model", str(root / "model")]) == 2
+    assert "eval: nothing to do" in capsys.readouterr().err

@@ -37,3 +37,17 @@ def atomic_dir(out_dir: str, overwrite: bool = False):
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path` (never a half-written file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
