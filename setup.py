@@ -24,10 +24,12 @@ setup(
         "tqdm",
         "matplotlib",
         "tensorboardX",  # TensorBoard event files without TensorFlow
+        "rouge-score",  # ROUGE-L of fa_jax.evaluate (fa-jax eval)
     ],
     extras_require={
         # torch first and pinned: 2.13.0 is the local CPU wheel (see README, "Developing").
-        "test": ["pytest", "torch==2.13.0", "peft", "chex"],
+        "test": ["pytest", "torch==2.13.0", "lm-eval", "peft", "chex"],
+        "eval": ["lm-eval"],  # fa_jax.lm_eval_bridge: lm-evaluation-harness tasks on fa_jax models
         "tfds": ["tensorflow-datasets"],
     },
     entry_points={"console_scripts": ["fa-jax=fa_jax.cli:main"]},

@@ -1,0 +1,407 @@
+"""Evaluation: answer metrics, perplexity on held-out text, teacher-student agreement, and QA / summarisation runs.
+
+    rouge_l("There are 291 episodes.", "291")      # {"f1", "recall", "precision"}
+    exact_match("There are 291 episodes.", "291")  # 1.0: the reference appears in the response
+    perplexity(config, params, tokenizer, held_out_texts, adapters=lora)   # {"perplexity", "nll", "tokens"}
+    teacher_agreement(t_cfg, teacher, s_cfg, student, tokenizer, texts, adapters=lora)  # {"kl", "top1_agreement", ...}
+    evaluate_qa(config, params, tokenizer, "qa.jsonl", adapters=lora, out_dir="runs/eval")  # summary dict
+
+Answer metrics (RE-Adapt, seed 004, section 5.3). Instruction-tuned models answer in full sentences, so the paper
+scores QA with ROUGE-L *recall* (the share of the reference's longest common subsequence found in the response)
+and with an exact match that asks whether the reference appears anywhere in the response; QMSum summaries (seed
+000) are scored with ROUGE-L F1. `score_records` reports all of them, averaged over examples, on a 0-1 scale.
+
+- `rouge_l` uses the `rouge-score` package (Google's reimplementation of ROUGE) with its default tokenizer:
+  lower case, every run of characters other than a-z and 0-9 is a separator (so non-Latin text scores 0), and
+  Porter stemming on by default (`use_stemmer=True`, "episodes" matches "episode"), the usual setting for
+  summarisation; pass use_stemmer=False for the unstemmed variant.
+- `exact_match` normalises both strings (`normalize_answer`: lower case, Unicode punctuation deleted, the
+  articles a/an/the dropped, whitespace collapsed) and is 1.0 when the reference's words appear as a contiguous run
+  of whole words of the response ("291" matches "there are 291 episodes" but not "2910"). A reference that
+  normalises to nothing (e.g. "The.") never matches.
+- A record may give several references (a list): each metric takes its maximum over them, independently.
+
+Perplexity and agreement read documents exactly as pre-training does (`fa_jax.data.PackedBatches`: BOS/EOS,
+packing into rows of `seq_len` with segment ids and positions, one pass, padding masked), so the numbers are
+comparable with the `lm` and `agreement` metrics of a run. A document that straddles two rows continues in the
+second row as a new segment (its context restarts there), as in training. Both use
+`fa_jax.losses.chunked_distill_loss`, so no [B, T, V] float32 logits exist for a whole row, let alone for two models.
+
+Axis legend: B batch rows, T time, C time steps in a chunk, D model, V vocab.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import unicodedata
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fa_jax import losses
+from fa_jax.errors import FaJaxError
+from fa_jax.models import transformer
+
+# --------------------------------------------------------------------------------------------------- answer metrics
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_SCORERS: dict = {}
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, Unicode punctuation (categories P*) deleted, articles a/an/the removed, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if not unicodedata.category(ch).startswith("P"))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 if the normalised reference appears in the normalised prediction as a run of whole words, else 0.0.
+
+    This is RE-Adapt's "exact reference answer anywhere in the response" (see the module docstring)."""
+    ref = normalize_answer(_text(reference, "reference"))
+    if not ref:
+        return 0.0
+    return float(f" {ref} " in f" {normalize_answer(_text(prediction, 'prediction'))} ")
+
+
+def rouge_l(prediction: str, reference: str, *, use_stemmer: bool = True) -> dict:
+    """ROUGE-L of one prediction against one reference: {"f1", "recall", "precision"}, each in [0, 1].
+
+    recall = LCS / reference tokens, precision = LCS / prediction tokens, f1 their harmonic mean (rouge-score's
+    tokenizer and optional Porter stemmer; see the module docstring). Empty (after tokenization) gives zeros.
+    """
+    key = bool(use_stemmer)
+    if key not in _SCORERS:
+        from rouge_score import rouge_scorer
+
+        _SCORERS[key] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=key)
+    score = _SCORERS[key].score(_text(reference, "reference"), _text(prediction, "prediction"))["rougeL"]
+    return {"f1": float(score.fmeasure), "recall": float(score.recall), "precision": float(score.precision)}
+
+
+def _text(value, name):
+    if not isinstance(value, str):
+        raise FaJaxError(f"{name}={value!r}: expected a string")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------- held-out text
+
+
+def _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
+    """One padded pass of packed rows over `documents` (see `perplexity`), read as process 0 of 1."""
+    from fa_jax.data import PackedBatches
+
+    source = documents
+    if isinstance(documents, (list, tuple)):
+        if not documents:
+            raise FaJaxError("documents=[]: expected at least one text")
+        for i, d in enumerate(documents):
+            if not isinstance(d, str):
+                raise FaJaxError(f"documents[{i}]: a {type(d).__name__}; expected a string (a list holds texts; "
+                                 "give files as one path or glob string)")
+        import datasets
+
+        source = datasets.Dataset.from_dict({"text": list(documents)})
+    return PackedBatches(source, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0, process_index=0,
+                         process_count=1, add_bos=add_bos, add_eos=add_eos, on_error="fail", num_epochs=1,
+                         text_field=text_field, split=split)
+
+
+def _device_batch(batch):
+    return {k: jnp.asarray(batch[k]) for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
+
+
+def perplexity(config, params, tokenizer, documents, *, adapters=None, seq_len: int = 256, batch_size: int = 4,
+               dtype=None, chunk_size: int = 128, add_bos: bool | None = None, add_eos: bool | None = None,
+               text_field: str = "text", split: str = "paragraph") -> dict:
+    """Token-level perplexity of held-out text: {"perplexity": exp(nll), "nll", "tokens"}.
+
+    documents: a list of texts, or a data source `fa_jax.data.load_documents` reads (a path or glob string, a spec
+    dict, a `datasets.Dataset`). They are packed as in pre-training into rows [batch_size, seq_len]; nll is the
+    mean over every real next-token pair (BOS -> first token ... last token -> EOS of each document; padding and
+    document boundaries masked) of -log p(next token), in nats; tokens is their number. add_bos / add_eos: as in
+    `PackedBatches` (None: whichever the tokenizer has); text_field and split (paragraph / line / file, for text
+    files) as in `load_documents`. adapters: a LoRA tree for the model, or None. dtype: the
+    compute dtype (e.g. "bfloat16"); logits and the loss stay float32. One compilation per call.
+    """
+    def step(params, adapters, b):
+        h = transformer.hidden_states(config, params, b["tokens"], adapters, segment_ids=b["segment_ids"],
+                                      positions=b["positions"], dtype=dtype)
+        head, vd = transformer.lm_head(config, params)
+        _, m = losses.chunked_distill_loss(h, head, None, None, b["labels"], b["mask"], alpha=0.0,
+                                           chunk_size=chunk_size, normalizer=1.0, student_head_vd=vd)
+        return m["lm"], m["tokens"]  # with normalizer 1: sums over the batch
+
+    step = jax.jit(step)
+    nll_sum, tokens = 0.0, 0
+    for batch in _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
+        s, n = jax.device_get(step(params, adapters, _device_batch(batch)))
+        nll_sum, tokens = nll_sum + float(s), tokens + int(n)
+    if tokens == 0:
+        raise FaJaxError("documents: no next-token pairs to score (every document is a single token or empty)")
+    nll = nll_sum / tokens
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}
+
+
+def teacher_agreement(teacher_cfg, teacher, student_cfg, student, tokenizer, documents, *, adapters=None,
+                      seq_len: int = 256, batch_size: int = 4, temperature: float = 1.0, dtype=None,
+                      chunk_size: int = 128, add_bos: bool | None = None, add_eos: bool | None = None,
+                      text_field: str = "text", split: str = "paragraph") -> dict:
+    """How closely the student (with `adapters`) follows the teacher on held-out text.
+
+    Returns {"kl": mean KL(P_teacher || P_student) per real token at `temperature` (nats, no T**2 factor),
+    "top1_agreement": fraction of real tokens where both models' most likely next token is the same,
+    "student_nll": the student's mean next-token NLL, "tokens": the number of real tokens}. Documents, packing
+    and arguments as in `perplexity`; both models must use `tokenizer` (vocabularies differing only by padding rows
+    are compared on the shared part, as in training). Computed chunk by chunk (`losses.chunked_distill_loss` with
+    alpha = 1), so neither model's [B, T, V] float32 logits are ever held for a whole row.
+    """
+    def step(teacher, student, adapters, b):
+        kw = dict(segment_ids=b["segment_ids"], positions=b["positions"], dtype=dtype)
+        h_s = transformer.hidden_states(student_cfg, student, b["tokens"], adapters, **kw)
+        h_t = transformer.hidden_states(teacher_cfg, teacher, b["tokens"], **kw)
+        head_s, s_vd = transformer.lm_head(student_cfg, student)
+        head_t, t_vd = transformer.lm_head(teacher_cfg, teacher)
+        _, m = losses.chunked_distill_loss(h_s, head_s, h_t, head_t, b["labels"], b["mask"], alpha=1.0,
+                                           temperature=float(temperature), chunk_size=chunk_size, normalizer=1.0,
+                                           student_head_vd=s_vd, teacher_head_vd=t_vd)
+        return m["kd"], m["agreement"], m["lm"], m["tokens"]
+
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise FaJaxError(f"temperature={temperature!r}: expected a number > 0")
+    step = jax.jit(step)
+    sums = np.zeros(4, np.float64)
+    for batch in _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
+        sums += np.asarray(jax.device_get(step(teacher, student, adapters, _device_batch(batch))), np.float64)
+    kd, agree, nll, tokens = sums
+    if tokens == 0:
+        raise FaJaxError("documents: no next-token pairs to score (every document is a single token or empty)")
+    return {"kl": kd / tokens, "top1_agreement": agree / tokens, "student_nll": nll / tokens, "tokens": int(tokens)}
+
+
+def target_logprobs(config, params, tokens, targets, mask, adapters=None, *, dtype=None, chunk_size: int = 128):
+    """Per-token log-probabilities of given targets: (logprob [B, T] float32, greedy [B, T] bool).
+
+    logprob[b, t] = log p(targets[b, t] | tokens[b, :t + 1]); greedy[b, t] says whether targets[b, t] is the
+    model's most likely token there. tokens, targets int [B, T]; mask [B, T], 1 for real tokens (padding on either
+    side; positions count from the first real token). Both outputs are 0 / False where mask is 0. The LM head runs
+    in chunks of `chunk_size` time steps, so [B, T, V] float32 logits never exist at once. Jit it with the config
+    closed over (as `fa_jax.lm_eval_bridge` does).
+    """
+    h = transformer.hidden_states(config, params, tokens, adapters, mask=mask, dtype=dtype)
+    head, vd = transformer.lm_head(config, params)
+    B, T, D = h.shape
+    c = max(1, min(int(chunk_size), T))
+    pad = -T % c
+    hc = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, c, D).swapaxes(0, 1)  # [N, B, C, D]
+    tc = jnp.pad(jnp.asarray(targets, jnp.int32), ((0, 0), (0, pad))).reshape(B, -1, c).swapaxes(0, 1)
+
+    def chunk(xs):
+        hx, tx = xs
+        spec = "bcd,vd->bcv" if vd else "bcd,dv->bcv"
+        logits = jnp.einsum(spec, hx, head.astype(hx.dtype), preferred_element_type=jnp.float32)  # [B, C, V]
+        picked = jnp.take_along_axis(logits, tx[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == tx
+
+    lp, greedy = jax.lax.map(chunk, (hc, tc))
+    lp, greedy = lp.swapaxes(0, 1).reshape(B, -1)[:, :T], greedy.swapaxes(0, 1).reshape(B, -1)[:, :T]
+    keep = jnp.asarray(mask) > 0
+    return jnp.where(keep, lp, 0.0), greedy & keep
+
+
+# ---------------------------------------------------------------------------------------------------- QA records
+
+# RE-Adapt, Appendix B (seed 004). qa_prompt gives the one-user-turn form the paper used for Gemma and Mistral,
+# which every chat template accepts; qa_messages also gives the Llama-3 form with a system turn.
+CLOSED_BOOK_SYSTEM = "Answer the following question."
+CONTEXT_SYSTEM = "Answer the following question given this context: {context}."
+CONTEXT_USER = "Answer the following question given this context: {context}\nQuestion: {question}"
+
+
+def _question(record) -> str:
+    """The question with one trailing "?" (the paper's "<question>?"; Natural Questions has none)."""
+    q = record["question"].strip()
+    return q if q.endswith("?") else q + "?"
+
+
+def qa_prompt(record: dict, with_context: bool = False) -> str:
+    """The prompt text of one record (a user turn; `evaluate_qa` applies the chat template when there is one).
+
+    {"prompt": ...} is used verbatim (summarisation, custom formats; `with_context` does not change it).
+    {"question": ...} follows RE-Adapt's Appendix B (Gemma/Mistral format):
+      closed book:   "<question>?"
+      with context:  "Answer the following question given this context: <context>\\nQuestion: <question>?"
+    """
+    _check_record(record, "record", with_context)
+    if "prompt" in record:
+        return record["prompt"]
+    if with_context:
+        return CONTEXT_USER.format(context=record["context"].strip(), question=_question(record))
+    return _question(record)
+
+
+def qa_messages(record: dict, with_context: bool = False) -> list[dict]:
+    """RE-Adapt's Llama-3 format as chat messages: a system turn ("Answer the following question." or "Answer
+    the following question given this context: <context>.") and the user turn "<question>?". For callers that
+    apply a chat template themselves; "prompt" records give one user turn with the prompt."""
+    _check_record(record, "record", with_context)
+    if "prompt" in record:
+        return [{"role": "user", "content": record["prompt"]}]
+    system = (CONTEXT_SYSTEM.format(context=record["context"].strip().rstrip(".")) if with_context
+              else CLOSED_BOOK_SYSTEM)
+    return [{"role": "system", "content": system}, {"role": "user", "content": _question(record)}]
+
+
+def _check_record(record, where: str, with_context: bool = False) -> None:
+    """A FaJaxError naming `where` unless the record is {"question" | "prompt": str, "reference": str or
+    non-empty list of str, optional "context": str} (and has a context when `with_context`)."""
+    if not isinstance(record, dict):
+        raise FaJaxError(f"{where}: a JSON {type(record).__name__}; expected an object with 'question' (or "
+                         "'prompt') and 'reference'")
+    has = [k for k in ("question", "prompt") if k in record]
+    if len(has) != 1:
+        raise FaJaxError(f"{where}: expected exactly one of 'question' and 'prompt' (fields: "
+                         f"{', '.join(map(str, record)) or 'none'})")
+    if not isinstance(record[has[0]], str) or not record[has[0]].strip():
+        raise FaJaxError(f"{where}: field {has[0]!r} must be a non-empty string")
+    ref = record.get("reference")
+    refs = [ref] if isinstance(ref, str) else ref
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        raise FaJaxError(f"{where}: field 'reference' must be a string or a non-empty list of strings "
+                         f"(got {type(ref).__name__ if ref is not None else 'nothing'})")
+    if "context" in record and not isinstance(record["context"], str):
+        raise FaJaxError(f"{where}: field 'context' must be a string")
+    if with_context and has[0] == "question" and not str(record.get("context", "")).strip():
+        raise FaJaxError(f"{where}: with_context=True needs a non-empty 'context' string in every question record")
+
+
+def _read_records(path: str) -> list[tuple[str, dict]]:
+    """(path:line, record) for each non-blank line of a JSON Lines file, each record checked."""
+    if not os.path.isfile(path):
+        raise FaJaxError(f"{path}: no such file")
+    out = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise FaJaxError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FaJaxError(f"{where}: bad JSON ({e.msg} at column {e.colno}); expected one object per "
+                                 "line") from None
+            _check_record(record, where)
+            out.append((where, record))
+    if not out:
+        raise FaJaxError(f"{path}: no records; expected JSON Lines with 'question' (or 'prompt') and 'reference'")
+    return out
+
+
+def load_records(path: str) -> list[dict]:
+    """QA / summarisation records from a JSON Lines file: one object per line with "question" or "prompt" (str),
+    "reference" (str or list of str) and optionally "context" (str) and any other fields (kept, e.g. "id").
+    Blank lines are skipped; a bad line raises FaJaxError("path:line: ...")."""
+    return [r for _, r in _read_records(path)]
+
+
+def _located(records, with_context) -> tuple[list[str], list[dict]]:
+    if isinstance(records, (str, os.PathLike)):
+        pairs = _read_records(os.fspath(records))
+    elif isinstance(records, (list, tuple)):
+        pairs = [(f"records[{i}]", r) for i, r in enumerate(records)]
+        if not pairs:
+            raise FaJaxError("records=[]: expected at least one record")
+    else:
+        raise FaJaxError(f"records: a {type(records).__name__}; expected a JSON Lines path or a list of dicts")
+    for where, r in pairs:
+        _check_record(r, where, with_context)
+    return [w for w, _ in pairs], [r for _, r in pairs]
+
+
+def score_records(records, predictions, *, use_stemmer: bool = True) -> tuple[list[dict], dict]:
+    """Scores of predictions against the records' references: (per_example, summary).
+
+    per_example[i] = {"index", "prediction", "reference", "rougeL_f1", "rougeL_recall", "rougeL_precision",
+    "exact_match"} (plus the record's "id" if it has one); with several references each score is the maximum over
+    them. summary = {"n", and the mean of each score}, all on a 0-1 scale.
+    """
+    _, records = _located(records, False)
+    if not isinstance(predictions, (list, tuple)) or len(predictions) != len(records):
+        n = len(predictions) if isinstance(predictions, (list, tuple)) else type(predictions).__name__
+        raise FaJaxError(f"predictions: {n}; expected a list of {len(records)} strings, one per record")
+    per = []
+    for i, (record, pred) in enumerate(zip(records, predictions)):
+        if not isinstance(pred, str):
+            raise FaJaxError(f"predictions[{i}]: a {type(pred).__name__}; expected a string")
+        refs = [record["reference"]] if isinstance(record["reference"], str) else record["reference"]
+        rouge = [rouge_l(pred, r, use_stemmer=use_stemmer) for r in refs]
+        row = {"index": i, **({"id": record["id"]} if "id" in record else {}), "prediction": pred,
+               "reference": record["reference"],
+               "rougeL_f1": max(s["f1"] for s in rouge), "rougeL_recall": max(s["recall"] for s in rouge),
+               "rougeL_precision": max(s["precision"] for s in rouge),
+               "exact_match": max(exact_match(pred, r) for r in refs)}
+        per.append(row)
+    keys = ("rougeL_f1", "rougeL_recall", "rougeL_precision", "exact_match")
+    summary = {"n": len(per), **{k: float(np.mean([p[k] for p in per])) for k in keys}}
+    return per, summary
+
+
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def evaluate_qa(config, params, tokenizer, records, *, adapters=None, generate_fn=None, max_new_tokens: int = 64,
+                with_context: bool = False, chat: bool | None = None, batch_size: int = 8, dtype=None,
+                use_stemmer: bool = True, out_dir: str | None = None) -> dict:
+    """Generate an answer for every record and score it (`score_records`); returns the summary.
+
+    records: a JSON Lines path (`load_records`) or a list of record dicts. Prompts come from `qa_prompt`
+    (with_context: the retrieval-augmented format). Generation is greedy, `max_new_tokens` at most, through
+    `fa_jax.generate.generate_text` (or `generate_fn`, any callable with its signature, e.g. a fake in tests);
+    chat: wrap each prompt in the tokenizer's chat template as one user turn (None: when the tokenizer has one).
+    out_dir: also write `predictions.jsonl` (per example: the prompt, prediction, references and scores) and
+    `summary.json` there, each atomically (temporary file, then rename). The summary holds "n", the mean
+    "rougeL_f1", "rougeL_recall", "rougeL_precision", "exact_match" (0-1) and the settings used.
+    """
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise FaJaxError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+    _, records = _located(records, with_context)
+    prompts = [qa_prompt(r, with_context) for r in records]
+    if generate_fn is None:
+        from fa_jax.generate import generate_text as generate_fn
+    chat = _has_chat_template(tokenizer) if chat is None else bool(chat)
+    predictions = list(generate_fn(config, params, tokenizer, prompts, adapters=adapters,
+                                   max_new_tokens=max_new_tokens, chat=chat, batch_size=batch_size, dtype=dtype))
+    per, summary = score_records(records, predictions, use_stemmer=use_stemmer)
+    for row, prompt in zip(per, prompts):
+        row["prompt"] = prompt
+    summary.update({"with_context": bool(with_context), "chat": chat, "max_new_tokens": max_new_tokens,
+                    "use_stemmer": bool(use_stemmer)})
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        _write_atomic(os.path.join(out_dir, "predictions.jsonl"),
+                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in per))
+        _write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path` (never a half-written file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,348 @@
+"""fa_jax.evaluate: ROUGE-L / exact match on hand-scored examples, perplexity against transformers, teacher
+agreement against a NumPy KL and losses.distill_loss, QA prompts, record files and evaluate_qa outputs."""
+import json
+import os
+
+import datasets
+import jax
+import numpy as np
+import pytest
+import torch
+
+import fa_jax
+from fa_jax import evaluate, losses
+from fa_jax.data import PackedBatches
+from fa_jax.errors import FaJaxError
+from helpers import hf_logits, save_hf_model, save_tiny_tokenizer
+
+DOCS = ["the hacker wrote a program for the system", "a computer is a system of code and data",
+        "the user had a file with a name", "it was the first time that the program ran on this computer",
+        "data"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def contained_datasets_cache(tmp_path_factory):
+    """datasets' Arrow copies of the files read here go to a temporary directory, not the user's cache."""
+    cache = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = str(tmp_path_factory.mktemp("hf_datasets_cache"))
+    yield
+    datasets.config.HF_DATASETS_CACHE = cache
+
+
+# ------------------------------------------------------------------------------------------ metrics, scored by hand
+
+
+def test_rouge_l_hand_scored():
+    # LCS of "the cat sat on the mat" / "the cat is on the mat" is "the cat on the mat": 5 of 6 tokens each side.
+    s = evaluate.rouge_l("the cat sat on the mat", "the cat is on the mat", use_stemmer=False)
+    assert s == pytest.approx({"f1": 5 / 6, "recall": 5 / 6, "precision": 5 / 6})
+    # A long-form answer containing the reference: recall 1, precision 1 / 11 tokens, F1 = 2PR / (P + R) = 1/6.
+    s = evaluate.rouge_l("There are a total of 291 episodes in Dragon Ball Z.", "291")
+    assert s == pytest.approx({"f1": 1 / 6, "recall": 1.0, "precision": 1 / 11})
+    # Partial credit: 1 of the reference's 2 tokens, 1 of the prediction's 4: F1 = 2 (1/8) / (3/4) = 1/3.
+    s = evaluate.rouge_l("It docked in Uruguay", "Montevideo Uruguay")
+    assert s == pytest.approx({"f1": 1 / 3, "recall": 1 / 2, "precision": 1 / 4})
+    # Stemming: "episodes" and "episode" share the stem "episod" only with the stemmer.
+    assert evaluate.rouge_l("two episodes", "episode", use_stemmer=False) == {"f1": 0.0, "recall": 0.0,
+                                                                             "precision": 0.0}
+    assert evaluate.rouge_l("two episodes", "episode") == pytest.approx({"f1": 2 / 3, "recall": 1.0,
+                                                                        "precision": 1 / 2})
+    assert evaluate.rouge_l("", "291") == {"f1": 0.0, "recall": 0.0, "precision": 0.0}
+    with pytest.raises(FaJaxError, match="prediction=None: expected a string"):
+        evaluate.rouge_l(None, "291")
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    ("There are 291 episodes.", "291", 1.0),
+    ("There are 2910 episodes.", "291", 0.0),           # whole words only
+    ("It was The Beatles!", "beatles", 1.0),            # case, punctuation, articles
+    ("the U.S. Navy ship", "US navy", 1.0),             # "U.S." -> "us"
+    ("Uruguay", "Montevideo, Uruguay", 0.0),            # the whole reference must appear
+    ("stranded near Montevideo,   Uruguay.", "Montevideo Uruguay", 1.0),
+    ("anything at all", "The.", 0.0),                   # normalises to nothing: never a match
+    ("café au lait", "Café", 1.0),                      # non-ASCII letters kept
+])
+def test_exact_match_hand_scored(prediction, reference, expected):
+    assert evaluate.exact_match(prediction, reference) == expected
+
+
+def test_normalize_answer():
+    assert evaluate.normalize_answer("  The U.S.  Navy's «ship»—an  example! ") == "us navys shipan example"
+
+
+def test_score_records_hand_scored():
+    records = [{"question": "how many episodes are there in dragon ball z", "reference": "291", "id": "q0"},
+               {"question": "where was the cruise stranded", "reference": ["Paris", "Montevideo Uruguay"]},
+               {"prompt": "Summarise: the sky.", "reference": "blue"}]
+    preds = ["There are a total of 291 episodes in Dragon Ball Z.", "It docked in Uruguay", "green"]
+    per, summary = evaluate.score_records(records, preds)
+    assert per[0]["id"] == "q0" and per[1]["index"] == 1 and per[2]["prediction"] == "green"
+    assert per[0]["exact_match"] == 1.0 and per[1]["exact_match"] == 0.0
+    assert per[1]["rougeL_recall"] == pytest.approx(1 / 2)  # the best of the two references
+    # means over the three examples, from the per-example values worked out in test_rouge_l_hand_scored
+    assert summary == pytest.approx({"n": 3, "rougeL_f1": (1 / 6 + 1 / 3 + 0) / 3, "rougeL_recall": (1 + 1 / 2) / 3,
+                                     "rougeL_precision": (1 / 11 + 1 / 4) / 3, "exact_match": 1 / 3})
+    with pytest.raises(FaJaxError, match="expected a list of 3 strings"):
+        evaluate.score_records(records, preds[:2])
+    with pytest.raises(FaJaxError, match=r"predictions\[1\]: a int"):
+        evaluate.score_records(records, ["a", 3, "b"])
+
+
+# ------------------------------------------------------------------------------------------ prompts and records
+
+
+def test_qa_prompts():
+    r = {"question": "how many episodes are there in dragon ball z", "reference": "291",
+         "context": "Dragon Ball Z has 291 episodes."}
+    assert evaluate.qa_prompt(r) == "how many episodes are there in dragon ball z?"
+    assert evaluate.qa_prompt({**r, "question": "Who? "}) == "Who?"  # no second question mark
+    assert evaluate.qa_prompt(r, with_context=True) == (
+        "Answer the following question given this context: Dragon Ball Z has 291 episodes.\n"
+        "Question: how many episodes are there in dragon ball z?")
+    assert evaluate.qa_messages(r) == [{"role": "system", "content": "Answer the following question."},
+                                       {"role": "user", "content": "how many episodes are there in dragon ball z?"}]
+    assert evaluate.qa_messages(r, with_context=True)[0]["content"] == (
+        "Answer the following question given this context: Dragon Ball Z has 291 episodes.")
+    p = {"prompt": "Summarise the meeting:\n...", "reference": "A summary.", "context": "ignored"}
+    assert evaluate.qa_prompt(p, with_context=True) == p["prompt"]
+    with pytest.raises(FaJaxError, match="with_context=True needs a non-empty 'context'"):
+        evaluate.qa_prompt({"question": "q", "reference": "a"}, with_context=True)
+
+
+def test_load_records_and_bad_lines(tmp_path):
+    good = tmp_path / "qa.jsonl"
+    good.write_text('{"question": "q1", "reference": "a"}\n\n{"prompt": "p", "reference": ["x", "y"], "id": 7}\n')
+    assert evaluate.load_records(str(good)) == [{"question": "q1", "reference": "a"},
+                                                {"prompt": "p", "reference": ["x", "y"], "id": 7}]
+    cases = {
+        '{"question": "q", "reference": "a"}\n{"question": "q", "reference": "a"\n': ":2: bad JSON",
+        '["q", "a"]\n': ":1: a JSON list; expected an object",
+        '{"question": "q"}\n': ":1: field 'reference' must be a string or a non-empty list of strings",
+        '{"question": "q", "reference": []}\n': ":1: field 'reference' must be",
+        '{"question": "q", "reference": ["a", 3]}\n': ":1: field 'reference' must be",
+        '{"reference": "a"}\n': ":1: expected exactly one of 'question' and 'prompt'",
+        '{"question": "q", "prompt": "p", "reference": "a"}\n': ":1: expected exactly one of",
+        '{"question": "  ", "reference": "a"}\n': ":1: field 'question' must be a non-empty string",
+        '{"question": "q", "reference": "a", "context": 3}\n': ":1: field 'context' must be a string",
+        "\n\n": ": no records",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.jsonl"
+        path.write_text(text)
+        with pytest.raises(FaJaxError, match=f"^{path}{message}"):
+            evaluate.load_records(str(path))
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"question": "caf\xe9", "reference": "a"}\n')
+    with pytest.raises(FaJaxError, match=f"^{bad}:1: not valid UTF-8"):
+        evaluate.load_records(str(bad))
+    with pytest.raises(FaJaxError, match="no such file"):
+        evaluate.load_records(str(tmp_path / "missing.jsonl"))
+
+
+def test_evaluate_qa_with_injected_generator(tmp_path):
+    records = [{"question": "how many episodes are there in dragon ball z", "reference": "291",
+                "context": "Dragon Ball Z has 291 episodes."},
+               {"question": "where was the cruise stranded?", "reference": ["Montevideo Uruguay"],
+                "context": "The ship was stranded off Uruguay."}]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    answers = {"how many episodes": "There are a total of 291 episodes in Dragon Ball Z.",
+               "where was the cruise": "It docked in Uruguay"}
+    calls = []
+
+    def fake_generate(config, params, tokenizer, prompts, *, adapters=None, max_new_tokens=32, chat=False,
+                      batch_size=8, dtype=None, **kw):
+        calls.append(dict(prompts=prompts, adapters=adapters, max_new_tokens=max_new_tokens, chat=chat))
+        return [next(a for k, a in answers.items() if k in p) for p in prompts]
+
+    class Tok:
+        chat_template = "{{ messages }}"
+
+    out = tmp_path / "eval"
+    summary = evaluate.evaluate_qa("cfg", "params", Tok(), str(path), adapters="lora", generate_fn=fake_generate,
+                                   max_new_tokens=16, with_context=True, out_dir=str(out))
+    assert calls == [dict(prompts=[evaluate.qa_prompt(r, True) for r in records], adapters="lora",
+                          max_new_tokens=16, chat=True)]
+    expected = {"n": 2, "rougeL_f1": (1 / 6 + 1 / 3) / 2, "rougeL_recall": (1 + 1 / 2) / 2,
+                "rougeL_precision": (1 / 11 + 1 / 4) / 2, "exact_match": 1 / 2}
+    assert {k: summary[k] for k in expected} == pytest.approx(expected)
+    assert summary["with_context"] is True and summary["chat"] is True and summary["max_new_tokens"] == 16
+    assert json.loads((out / "summary.json").read_text()) == summary
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == list(answers.values())
+    assert rows[0]["prompt"].startswith("Answer the following question given this context:")
+    assert rows[1]["reference"] == ["Montevideo Uruguay"] and rows[1]["rougeL_recall"] == pytest.approx(0.5)
+    assert sorted(os.listdir(out)) == ["predictions.jsonl", "summary.json"]  # no temporary files left
+
+    summary = evaluate.evaluate_qa("cfg", "params", object(), records, generate_fn=fake_generate)
+    assert calls[-1]["chat"] is False and calls[-1]["max_new_tokens"] == 64  # no chat template: plain prompts
+    assert calls[-1]["prompts"][0] == "how many episodes are there in dragon ball z?"
+    with pytest.raises(FaJaxError, match=r"records\[0\]: with_context=True needs"):
+        evaluate.evaluate_qa("cfg", "params", object(), [{"question": "q", "reference": "a"}], with_context=True,
+                             generate_fn=fake_generate)
+    with pytest.raises(FaJaxError, match="max_new_tokens=0"):
+        evaluate.evaluate_qa("cfg", "params", object(), records, max_new_tokens=0, generate_fn=fake_generate)
+
+
+# ------------------------------------------------------------------------------------------ model-based metrics
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """{name: (config, params, torch model)} of tiny models sharing one word-level tokenizer, and the tokenizer."""
+    models = {}
+    for name, family, seed in (("llama", "llama", 0), ("llama_b", "llama", 1), ("tied", "llama3", 2)):
+        d = tmp_path_factory.mktemp(name)
+        hf = save_hf_model(family, d, seed=seed)
+        tok = save_tiny_tokenizer(d)
+        models[name] = (*fa_jax.load_model(str(d)), hf)
+    return models, fa_jax.load_tokenizer(str(d))
+
+
+def _torch_nll(model, tokenizer, docs):
+    """Sum and count of -log p(next token) over [BOS] + doc + [EOS], one document at a time, float64."""
+    total, count = 0.0, 0
+    for doc in docs:
+        ids = [tokenizer.bos_token_id] + tokenizer(doc, add_special_tokens=False)["input_ids"] + \
+            [tokenizer.eos_token_id]
+        lp = torch.log_softmax(torch.tensor(hf_logits(model, [ids])[0], dtype=torch.float64), -1).numpy()
+        total -= sum(lp[t, ids[t + 1]] for t in range(len(ids) - 1))
+        count += len(ids) - 1
+    return total, count
+
+
+def _np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("name", ["llama", "tied"])
+def test_perplexity_matches_transformers(tiny, name):
+    models, tok = tiny
+    config, params, hf = models[name]
+    # all documents fit in one row of 256: every token sees its whole document, as in the one-document reference
+    out = evaluate.perplexity(config, params, tok, DOCS, seq_len=256, batch_size=2, chunk_size=32)
+    total, count = _torch_nll(hf, tok, DOCS)
+    assert out["tokens"] == count
+    np.testing.assert_allclose(out["nll"], total / count, rtol=2e-5)
+    np.testing.assert_allclose(out["perplexity"], np.exp(total / count), rtol=2e-5)
+
+
+def test_perplexity_short_rows_and_adapters(tiny):
+    """Rows of 16 (documents straddle rows, several batches, padding rows): the same sums as full logits over the
+    same packed rows; a non-zero LoRA gives the perplexity of the merged weights."""
+    models, tok = tiny
+    config, params, _ = models["llama"]
+    out = evaluate.perplexity(config, params, tok, DOCS, seq_len=16, batch_size=3, chunk_size=5)
+    total, count = 0.0, 0
+    for b in PackedBatches(datasets.Dataset.from_dict({"text": DOCS}), tok, 16, 3, process_index=0,
+                           process_count=1, num_epochs=1):
+        lp = _np_log_softmax(fa_jax.forward(config, params, b["tokens"], segment_ids=b["segment_ids"],
+                                            positions=b["positions"]))
+        picked = np.take_along_axis(lp, b["labels"][..., None], -1)[..., 0]
+        total -= (picked * b["mask"]).sum()
+        count += int(b["mask"].sum())
+    assert out["tokens"] == count == _torch_nll(models["llama"][2], tok, DOCS)[1]  # every pair counted once
+    np.testing.assert_allclose(out["nll"], total / count, rtol=2e-5)
+
+    lora = fa_jax.init_lora(config, jax.random.PRNGKey(0), rank=4, alpha=8)
+    lora = jax.tree.map(lambda x: x + 0.05 if x.ndim == 2 else x, lora)  # B != 0: the adapter changes the model
+    with_lora = evaluate.perplexity(config, params, tok, DOCS, adapters=lora, seq_len=16, batch_size=3)
+    merged = evaluate.perplexity(config, fa_jax.merge_lora(params, lora), tok, DOCS, seq_len=16, batch_size=3)
+    assert abs(with_lora["nll"] - out["nll"]) > 1e-3
+    np.testing.assert_allclose(with_lora["nll"], merged["nll"], rtol=1e-5)
+    with pytest.raises(FaJaxError, match=r"documents\[1\]: a int"):
+        evaluate.perplexity(config, params, tok, ["text", 3])
+    with pytest.raises(FaJaxError, match="documents=\\[\\]"):
+        evaluate.perplexity(config, params, tok, [])
+
+
+def test_perplexity_reads_files(tiny, tmp_path):
+    models, tok = tiny
+    config, params, hf = models["llama"]
+    path = tmp_path / "held_out.txt"
+    path.write_text("\n\n".join(DOCS) + "\n")
+    out = evaluate.perplexity(config, params, tok, str(path), seq_len=256, batch_size=1)
+    total, count = _torch_nll(hf, tok, DOCS)
+    assert out["tokens"] == count
+    np.testing.assert_allclose(out["nll"], total / count, rtol=2e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_teacher_agreement_matches_full_logits(tiny, temperature):
+    models, tok = tiny
+    t_cfg, teacher, _ = models["llama"]
+    s_cfg, student, _ = models["llama_b"]
+    lora = fa_jax.init_lora(s_cfg, jax.random.PRNGKey(1), rank=4, alpha=8)
+    lora = jax.tree.map(lambda x: x - 0.03 if x.ndim == 2 else x, lora)
+    out = evaluate.teacher_agreement(t_cfg, teacher, s_cfg, student, tok, DOCS, adapters=lora, seq_len=16,
+                                     batch_size=2, temperature=temperature, chunk_size=4)
+    kl, agree, n, ref_kd, ref_agree = 0.0, 0.0, 0, 0.0, 0.0
+    for b in PackedBatches(datasets.Dataset.from_dict({"text": DOCS}), tok, 16, 2, process_index=0,
+                           process_count=1, num_epochs=1):
+        kw = dict(segment_ids=b["segment_ids"], positions=b["positions"])
+        s = np.asarray(fa_jax.forward(s_cfg, student, b["tokens"], adapters=lora, **kw))
+        t = np.asarray(fa_jax.forward(t_cfg, teacher, b["tokens"], **kw))
+        ls, lt = _np_log_softmax(s / temperature), _np_log_softmax(t / temperature)
+        m = b["mask"].astype(bool)
+        kl += (np.exp(lt) * (lt - ls)).sum(-1)[m].sum()
+        agree += (s.argmax(-1) == t.argmax(-1))[m].sum()
+        n += m.sum()
+        _, metrics = losses.distill_loss(s, t, b["labels"], b["mask"], alpha=1.0, temperature=temperature,
+                                         normalizer=1.0)
+        ref_kd, ref_agree = ref_kd + float(metrics["kd"]), ref_agree + float(metrics["agreement"])
+    assert out["tokens"] == n
+    np.testing.assert_allclose(out["kl"], kl / n, rtol=1e-4)
+    np.testing.assert_allclose(out["kl"], ref_kd / n, rtol=1e-4)
+    np.testing.assert_allclose(out["top1_agreement"], agree / n, atol=1e-7)
+    np.testing.assert_allclose(out["top1_agreement"], ref_agree / n, atol=1e-7)
+    assert out["kl"] > 1e-3 and 0 <= out["top1_agreement"] < 1
+
+
+def test_teacher_agreement_with_itself(tiny):
+    models, tok = tiny
+    cfg, params, _ = models["tied"]
+    out = evaluate.teacher_agreement(cfg, params, cfg, params, tok, DOCS, seq_len=32, batch_size=2)
+    assert abs(out["kl"]) < 1e-6 and out["top1_agreement"] == 1.0
+    np.testing.assert_allclose(out["student_nll"],
+                               evaluate.perplexity(cfg, params, tok, DOCS, seq_len=32, batch_size=2)["nll"],
+                               rtol=1e-6)
+    with pytest.raises(FaJaxError, match="temperature=0"):
+        evaluate.teacher_agreement(cfg, params, cfg, params, tok, DOCS, temperature=0)
+
+
+def test_target_logprobs_left_and_right_padding(tiny):
+    models, tok = tiny
+    config, params, hf = models["tied"]
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(4, 200, n)) for n in (9, 5)]
+    for left in (False, True):
+        T = 10
+        tokens, targets, mask = np.zeros((2, T), np.int32), np.zeros((2, T), np.int32), np.zeros((2, T), np.int32)
+        for i, s in enumerate(seqs):
+            sl = slice(T - len(s), T) if left else slice(0, len(s))
+            tokens[i, sl], mask[i, sl] = s, 1
+            targets[i, sl] = s[1:] + [7]
+        lp, greedy = jax.jit(lambda p, *a: evaluate.target_logprobs(config, p, *a, chunk_size=3))(
+            params, tokens, targets, mask)
+        for i, s in enumerate(seqs):
+            ref = _np_log_softmax(hf_logits(hf, [s])[0])
+            want = ref[np.arange(len(s)), s[1:] + [7]]
+            got = np.asarray(lp[i])[mask[i] > 0]
+            np.testing.assert_allclose(got, want, atol=2e-4)
+            assert (np.asarray(greedy[i])[mask[i] > 0] == (ref.argmax(-1) == np.array(s[1:] + [7]))).all()
+            assert (np.asarray(lp[i])[mask[i] == 0] == 0).all()
+
+
+def test_evaluate_qa_with_generate_text(tiny, tmp_path):
+    pytest.importorskip("fa_jax.generate")
+    models, tok = tiny
+    config, params, _ = models["llama"]
+    records = [{"question": "the hacker wrote a", "reference": "program"},
+               {"question": "a computer is a", "reference": ["system", "computer"]}]
+    summary = evaluate.evaluate_qa(config, params, tok, records, max_new_tokens=4, chat=False,
+                                   out_dir=str(tmp_path / "qa"))
+    assert summary["n"] == 2 and 0 <= summary["rougeL_recall"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "qa" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["prediction"], str) for r in rows)
