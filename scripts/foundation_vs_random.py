@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "foundation_vs_random"))
+    p.add_argument("--student", default=None, help="the student model (default: configs/sft_smollm2.py's)")
+    p.add_argument("--keep-layers", default=None, help="'none', 'every_other' (default: the config's) or i,j,...")
+    p.add_argument("--seq-len", type=int, default=128)
     args = p.parse_args(argv)
 
     import numpy as np
@@ -105,9 +108,14 @@ def main(argv=None) -> int:
     print(f"task: {len(records)} jargon definitions; {len(test)} held out; N in {ns}")
 
     base = run_config.load(os.path.join(ROOT, "configs", "sft_smollm2.py"), sft.sft_defaults(), [
-        f"optim.lr={args.lr}", f"data.batch_size={args.batch}", "data.seq_len=128", "data.pack=false",
+        f"optim.lr={args.lr}", f"data.batch_size={args.batch}", "data.pack=false",
         f"data.seed={args.seed}", f"run.seed={args.seed}", f"run.steps={args.steps}", "run.save_every=0",
-        "run.tensorboard=false", "run.export_peft=false", "optim.warmup_steps=2", "run.log_every=4"])
+        "run.tensorboard=false", "run.export_peft=false", "optim.warmup_steps=2", "run.log_every=4",
+        f"data.seq_len={args.seq_len}"] + ([f"model.student={args.student}"] if args.student else []))
+    if args.keep_layers is not None:
+        keep = None if args.keep_layers == "none" else (
+            args.keep_layers if args.keep_layers == "every_other" else [int(i) for i in args.keep_layers.split(",")])
+        base = run_config.merge(base, {"model": {"keep_layers": keep}}, "--keep-layers")
     mesh = sh.make_mesh(base.mesh.shape)
     student_cfg, student, tokenizer, _, _ = sft.load_student(base, mesh, train.mesh_rules(base))
     results = []
@@ -124,18 +132,25 @@ def main(argv=None) -> int:
             score = evaluate.evaluate_qa(student_cfg, student, tokenizer, test, adapters=adapters,
                                          max_new_tokens=args.max_new_tokens,
                                          out_dir=os.path.join(args.out, f"{start}_n{n}"))
-            row = {"n": n, "init": start, **{k: v for k, v in score.items() if isinstance(v, (int, float))}}
+            row = {**{k: v for k, v in score.items() if isinstance(v, (int, float)) and k != "n"},
+                   "eval_n": score["n"], "n": n, "init": start}
             results.append(row)
             print(f"N={n:5d} {start:10s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()
                                                        if isinstance(v, float)), flush=True)
 
-    key = next(k for k in ("rougeL_f1", "rouge_l_f1", "rougeL", "rouge_l") if k in results[0])
+    write_report(args, ns, results, len(test), time.time() - t0)
+    return 0
+
+
+def write_report(args, ns, results, n_test, seconds) -> None:
+    """results.json, results.md (the table) and score_vs_n.png in args.out."""
+    key = "rougeL_f1"
     table = ["| N | foundation | random |", "| --- | --- | --- |"]
     for n in ns:
         f = next(r[key] for r in results if r["n"] == n and r["init"] == "foundation")
         r_ = next(r[key] for r in results if r["n"] == n and r["init"] == "random")
         table.append(f"| {n} | {f:.4f} | {r_:.4f} |")
-    md = (f"ROUGE-L F1 ({key}) on {len(test)} held-out jargon definitions, {args.steps} steps per N, "
+    md = (f"ROUGE-L F1 on {n_test} held-out jargon definitions, {args.steps} steps per N, "
           f"seed {args.seed}\n\n" + "\n".join(table) + "\n")
     print(md)
     import matplotlib
@@ -155,11 +170,10 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "score_vs_n.png"), dpi=120)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "seconds": time.time() - t0}, f, indent=2)
+        json.dump({"args": vars(args), "results": results, "seconds": seconds}, f, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
-    print(f"wrote {args.out}/results.json, results.md, score_vs_n.png ({time.time() - t0:.0f} s)")
-    return 0
+    print(f"wrote {args.out}/results.json, results.md, score_vs_n.png ({seconds:.0f} s)")
 
 
 if __name__ == "__main__":
