@@ -122,3 +122,56 @@ def mlp(config, p, a, x, dropout=None):
     act = _activation(config.hidden_act)
     h = act(dense(x, p["gate_proj"], a.get("gate_proj"), dropout)) * dense(x, p["up_proj"], a.get("up_proj"), dropout)
     return dense(h, p["down_proj"], a.get("down_proj"), dropout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention over a key/value cache (generation). Its own path: the mask comes from the cache's slot metadata
+# (valid slots, positions), not from array order, so `causal_attention`'s block skipping does not apply.
+
+
+def cache_mask(q_positions, k_positions, k_valid, window: int = 0):
+    """Boolean [B, T, S] for queries at positions [B, T] over cache slots with positions and validity [B, S].
+
+    A query sees a slot if it holds a real token (`k_valid`) at the same or an earlier position, and, if
+    window > 0, fewer than `window` positions back. Positions are per row, so left padding needs nothing more.
+    """
+    q = q_positions[:, :, None]
+    k = k_positions[:, None, :]
+    allowed = k_valid[:, None, :] & (k <= q)
+    if window:
+        allowed = allowed & (q - k < window)
+    return allowed
+
+
+def masked_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(K) masked) v for q [B, T, G, Q, K], k and v [B, S, G, K] and any mask [B, T, S].
+
+    Scores and softmax are float32; a fully masked query row gets a uniform softmax (finite, never NaN).
+    """
+    K = q.shape[-1]
+    s = jnp.einsum("btgqk,bsgk->bgqts", q, k, preferred_element_type=jnp.float32) * (K ** -0.5)
+    s = jnp.where(mask[:, None, None], s, _NEG)
+    probs = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bgqts,bsgk->btgqk", probs, v)
+
+
+def attention_with_cache(config, p, a, x, cos, sin, k_cache, v_cache, index, mask):
+    """Grouped-query attention of T new tokens over a key/value cache.
+
+    x [B, T, D]; cos, sin [B, T, K] for the new tokens' positions; k_cache, v_cache [B, S, G, K]. The new keys and
+    values are written at slots [index, index + T) (the same slots in every row) before attending, so the new
+    tokens see each other as the mask allows. mask [B, T, S'] covers the first S' <= S slots (S' = index + T when
+    index is a Python int, which skips the empty tail during prefill). Returns (out [B, T, D], k_cache, v_cache).
+    """
+    B, T, _ = x.shape
+    H, G, K = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q = dense(x, p["q_proj"], a.get("q_proj")).reshape(B, T, H, K)
+    k = dense(x, p["k_proj"], a.get("k_proj")).reshape(B, T, G, K)
+    v = dense(x, p["v_proj"], a.get("v_proj")).reshape(B, T, G, K)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+    S = mask.shape[-1]
+    out = masked_attention(q.reshape(B, T, G, H // G, K), k_cache[:, :S].astype(q.dtype),
+                           v_cache[:, :S].astype(q.dtype), mask)
+    return dense(out.reshape(B, T, H * K), p["o_proj"], a.get("o_proj")), k_cache, v_cache

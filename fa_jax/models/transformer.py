@@ -223,3 +223,63 @@ def select_layers(config, params, keep):
     model = dict(params["model"])
     model["layers"] = {str(j): params["model"]["layers"][str(i)] for j, i in enumerate(keep)}
     return new_config, {**params, "model": model}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key/value cache for generation. Separate from `hidden_states` (which training uses): the attention mask comes
+# from the cache's own record of which slots hold real tokens and at which positions.
+
+
+def init_cache(config, batch: int, length: int, dtype=jnp.float32):
+    """An empty cache of `length` slots per row.
+
+    {"layers": {"0": {"k": [B, S, G, K], "v": [B, S, G, K]}, ...}, "positions": int32 [B, S], "valid": bool [B, S]}.
+    Slot s of row b holds the keys/values of one token, its position (for rope, causality and sliding windows) and
+    whether it is a real token (False for padding and for slots not written yet).
+    """
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    return {"layers": {str(i): {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                       for i in range(config.num_hidden_layers)},
+            "positions": jnp.zeros((batch, length), jnp.int32), "valid": jnp.zeros((batch, length), bool)}
+
+
+def hidden_states_with_cache(config, params, tokens, cache, index, positions, valid=None, adapters=None, *,
+                             dtype=None):
+    """Run T new tokens [B, T] through the decoder on top of a cache (see `init_cache`).
+
+    The tokens go into slots [index, index + T) of every row, with `positions` [B, T] and `valid` [B, T] (False
+    for padding; default all True); each attends to the real tokens of its row at the same or earlier positions
+    (within the layer's sliding window). `index` is a Python int (prefill: slots past index + T are not read) or
+    a traced int32 scalar (decoding: the whole cache is read, nothing recompiles per step).
+    Returns (final-norm hidden states [B, T, D] in the compute dtype, the updated cache).
+    """
+    emb = params["model"]["embed_tokens"]["embedding"]
+    dtype = jnp.dtype(dtype or emb.dtype)
+    tokens = jnp.asarray(tokens)
+    positions = jnp.asarray(positions, jnp.int32)
+    valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    T = tokens.shape[1]
+    k_pos = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, index, axis=1)
+    k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid, index, axis=1)
+    S = index + T if isinstance(index, int) else k_pos.shape[1]
+    x = jnp.take(emb, tokens, axis=0).astype(dtype)
+    if config.embed_scale:
+        x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
+    cos, sin = layers.rope_tables(config_lib.rope_inv_freq(config), positions, dtype)
+    masks = {w: layers.cache_mask(positions, k_pos[:, :S], k_valid[:, :S], w)
+             for w in sorted(set(config.window(i) for i in range(config.num_hidden_layers)))}
+    eps, off = config.rms_norm_eps, config.norm_offset
+    layer_adapters = (adapters or {}).get("model", {}).get("layers", {})
+    new_layers = {}
+    for i in range(config.num_hidden_layers):
+        lp, la = params["model"]["layers"][str(i)], layer_adapters.get(str(i), {})
+        c = cache["layers"][str(i)]
+        h = layers.rms_norm(x, lp["input_layernorm"]["weight"], eps, off)
+        out, k, v = layers.attention_with_cache(config, lp["self_attn"], la.get("self_attn", {}), h, cos, sin,
+                                                c["k"], c["v"], index, masks[config.window(i)])
+        new_layers[str(i)] = {"k": k, "v": v}
+        x = x + out
+        h = layers.rms_norm(x, lp["post_attention_layernorm"]["weight"], eps, off)
+        x = x + layers.mlp(config, lp["mlp"], la.get("mlp", {}), h)
+    h = layers.rms_norm(x, params["model"]["norm"]["weight"], eps, off)
+    return h, {"layers": new_layers, "positions": k_pos, "valid": k_valid}
