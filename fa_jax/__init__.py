@@ -21,12 +21,16 @@ __version__ = "0.1.0"
 
 
 def load_model(path: str, dtype="float32", sharding=None):
-    """(config, params) from a Hugging Face directory (config.json + safetensors, single or sharded) or a .gguf file.
+    """(config, params) from a Hugging Face directory (config.json + safetensors, single or sharded), a .gguf file
+    or an embedded model name (`embedded:smollm2-135m-instruct`).
 
     Tensors are read one at a time, so host memory peaks near one copy of the model.
     `sharding`: None (default device), one `jax.sharding.Sharding` for every tensor, a dict {param path: Sharding},
     or a function (param path, shape) -> Sharding; each device then receives only its own slice.
     """
+    from fa_jax.embedded import resolve_model_path
+
+    path = resolve_model_path(path)  # embedded:NAME -> the file shipped in its package
     if not os.path.exists(path):
         raise FaJaxError(f"{path}: no such file or directory")
     if os.path.isfile(path) and path.endswith(".gguf"):
@@ -41,9 +45,12 @@ def load_model(path: str, dtype="float32", sharding=None):
 
 
 def load_tokenizer(path: str):
-    """The transformers tokenizer of a Hugging Face directory or a .gguf file."""
+    """The transformers tokenizer of a Hugging Face directory, a .gguf file or an embedded model name."""
     from transformers import AutoTokenizer
 
+    from fa_jax.embedded import resolve_model_path
+
+    path = resolve_model_path(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                              gguf_file=os.path.basename(path))
