@@ -343,8 +343,9 @@ def finetune(cfg, batches=None) -> dict:
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     B = int(cfg.data.batch_size)
     if B % rows or B % (jax.process_count() * int(cfg.optim.grad_accum)):
-        raise FaJaxError(f"data.batch_size={B} must be divisible by the mesh's data x fsdp size {rows} and by "
-                         f"processes x optim.grad_accum")
+        raise FaJaxError(f"data.batch_size={B} must be divisible by the mesh's data x fsdp size {rows} "
+                         f"(mesh.shape={list(cfg.mesh.shape)}) and by processes x optim.grad_accum = "
+                         f"{jax.process_count() * int(cfg.optim.grad_accum)}")
     if batches is None and cfg.data.train is None:
         raise FaJaxError("data.train is not set: give a JSONL/parquet file or a save_to_disk directory of records")
     out_dir = train.prepare_out_dir(cfg)

@@ -227,3 +227,22 @@ def test_eval_command_perplexity_and_qa(tmp_path, setup, capsys):
     assert summary["qa"]["n"] == 1 and (tmp_path / "ev" / "predictions.jsonl").exists()
     assert main(["eval", "--model", str(root / "model")]) == 2
     assert "eval: nothing to do" in capsys.readouterr().err
+
+
+def test_sft_resume_equals_uninterrupted(tmp_path, setup):
+    """The SFT data position is part of the checkpoint: stop after 2 steps, resume, and the losses of steps 1-4
+    equal an uninterrupted run's (packed rows, 24 records, so the run crosses an epoch)."""
+    root, tok, data = setup
+
+    def losses_of(run):
+        return {json.loads(x)["step"]: json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()}
+
+    kw = {"data.pack": "true", "data.batch_size": 8, "run.steps": 4, "run.log_every": 1}
+    sft.finetune(_sft_cfg(root, data, tmp_path / "straight", **kw))
+    first = sft.finetune(_sft_cfg(root, data, tmp_path / "resumed", **kw, **{"run.stop_after": 2}))
+    assert first["step"] == 2
+    second = sft.finetune(_sft_cfg(root, data, tmp_path / "resumed", **kw))
+    assert second["step"] == 4
+    straight, resumed = losses_of(tmp_path / "straight"), losses_of(tmp_path / "resumed")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    np.testing.assert_allclose([resumed[s] for s in range(1, 5)], [straight[s] for s in range(1, 5)], rtol=1e-6)
