@@ -51,6 +51,10 @@ def _convert(args) -> None:
 
 
 def _pretrain(args) -> None:
+    if args.distributed:
+        from fa_jax import distributed
+
+        distributed.initialize()
     from fa_jax import run_config, train
 
     cfg = run_config.load(args.config, train.pretrain_defaults(), args.overrides)
@@ -69,6 +73,10 @@ def _pretrain(args) -> None:
 
 
 def _sft(args) -> None:
+    if args.distributed:
+        from fa_jax import distributed
+
+        distributed.initialize()
     from fa_jax import run_config, sft
 
     cfg = run_config.load(args.config, sft.sft_defaults(), args.overrides)
@@ -188,6 +196,9 @@ def _merge(args) -> None:
 
 def _add_run_args(s) -> None:
     s.add_argument("--config", help="Python config file defining get_config() (see configs/)")
+    s.add_argument("--distributed", action="store_true",
+                   help="one process per host: join the others (FA_JAX_COORDINATOR / FA_JAX_NUM_PROCESSES / "
+                        "FA_JAX_PROCESS_ID, or the cluster's own detection on TPU pods, SLURM, Open MPI)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
 

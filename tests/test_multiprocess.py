@@ -47,3 +47,59 @@ def test_two_processes_equal_one(setup, tmp_path):
     states = sorted(os.listdir(tmp_path / "two" / "checkpoints" / "data_state"))
     assert "step_3.process_0.json" in states and "step_3.process_1.json" in states
     assert json.load(open(tmp_path / "two" / "checkpoints" / "data_state" / "step_3.process_1.json"))["rows"]
+
+
+def test_two_processes_from_the_command_line(setup, tmp_path):
+    """`fa-jax pretrain --distributed` in two processes (FA_JAX_* variables, 127.0.0.1) trains like one process."""
+    root, corpus = setup
+    over = {"run.steps": 2, "run.save_every": 0, "mesh.shape": [2, 4, 1]}
+    train.pretrain(_cfg(root, corpus, tmp_path / "one", **over))
+    cfg = _cfg(root, corpus, tmp_path / "two", **over)
+    conf = tmp_path / "conf.py"
+    conf.write_text(f"import json\n\n\ndef get_config():\n    return json.loads({json.dumps(cfg)!r})\n")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", FA_JAX_COORDINATOR=f"127.0.0.1:{port}",
+               FA_JAX_NUM_PROCESSES="2")
+    procs = [subprocess.Popen([sys.executable, "-m", "fa_jax", "pretrain", "--distributed", "--config", str(conf)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**env, "FA_JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=300)
+        finally:
+            p.kill()
+        assert p.returncode == 0 and "step 2/2" in out, out[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
+
+
+def test_distributed_env_must_be_complete(monkeypatch):
+    import pytest
+
+    from fa_jax import distributed
+    from fa_jax.errors import FaJaxError
+
+    monkeypatch.setenv("FA_JAX_COORDINATOR", "127.0.0.1:1")
+    monkeypatch.delenv("FA_JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("FA_JAX_PROCESS_ID", raising=False)
+    with pytest.raises(FaJaxError, match="FA_JAX_COORDINATOR set but FA_JAX_NUM_PROCESSES, FA_JAX_PROCESS_ID not"):
+        distributed.initialize()
+
+
+def test_tpu_pod_launcher_runs_the_command_on_every_worker(tmp_path):
+    """scripts/launch_tpu_pod.sh with a stand-in `gcloud` that prints its arguments."""
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nfor a in \"$@\"; do echo \"ARG:$a\"; done\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "TPU_NAME": "pod", "ZONE": "z"}
+    script = os.path.join(HERE, "..", "scripts", "launch_tpu_pod.sh")
+    out = subprocess.run(["bash", script, "pretrain", "--config", "configs/x.py", "data.train=a b.txt"], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[:8] == ["ARG:compute", "ARG:tpus", "ARG:tpu-vm", "ARG:ssh", "ARG:pod", "ARG:--zone", "ARG:z",
+                       "ARG:--worker=all"]
+    remote = out[-1]
+    assert remote.endswith("-m fa_jax pretrain --distributed --config configs/x.py data.train=a\\ b.txt")
+    bad = subprocess.run(["bash", script, "merge"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "only pretrain and sft" in bad.stderr
