@@ -50,45 +50,27 @@ def _convert(args) -> None:
     print(f"wrote {os.path.abspath(args.out)} ({config.num_params:,} parameters, {time.time() - t0:.1f} s)")
 
 
-def _pretrain(args) -> None:
+def _run_training(args, kind: str) -> None:
+    """`pretrain` or `sft`: resolve the config, run, and print the last metrics."""
     if args.distributed:
         from fa_jax import distributed
 
         distributed.initialize()
-    from fa_jax import run_config, train
+    from fa_jax import run_config, sft, train
 
-    cfg = run_config.load(args.config, train.pretrain_defaults(), args.overrides)
+    defaults = train.pretrain_defaults() if kind == "pretrain" else sft.sft_defaults()
+    cfg = run_config.load(args.config, defaults, args.overrides)
     if args.print_config:
         import json
 
         print(json.dumps(cfg, indent=2, default=str))
         return
-    summary = train.pretrain(cfg)
+    summary = train.pretrain(cfg) if kind == "pretrain" else sft.finetune(cfg)
     m = summary["metrics"]
-    print(f"step {summary['step']}/{summary['steps']}: loss {m.get('loss', float('nan')):.4f} "
-          f"(kd {m.get('kd', float('nan')):.4f}, lm {m.get('lm', float('nan')):.4f}), "
+    terms = (f"kd {m.get('kd', float('nan')):.4f}, lm {m.get('lm', float('nan')):.4f}" if kind == "pretrain" else
+             f"response-token cross-entropy {m.get('lm', float('nan')):.4f}")
+    print(f"step {summary['step']}/{summary['steps']}: loss {m.get('loss', float('nan')):.4f} ({terms}), "
           f"{m.get('tokens_per_s', 0):.0f} tokens/s")
-    print(f"wrote {summary['out_dir']} (checkpoints, metrics.jsonl, tensorboard/, loss_curve.png"
-          + (", adapter_peft/)" if "peft_adapter" in summary else ")"))
-
-
-def _sft(args) -> None:
-    if args.distributed:
-        from fa_jax import distributed
-
-        distributed.initialize()
-    from fa_jax import run_config, sft
-
-    cfg = run_config.load(args.config, sft.sft_defaults(), args.overrides)
-    if args.print_config:
-        import json
-
-        print(json.dumps(cfg, indent=2, default=str))
-        return
-    summary = sft.finetune(cfg)
-    m = summary["metrics"]
-    print(f"step {summary['step']}/{summary['steps']}: loss {m.get('loss', float('nan')):.4f} "
-          f"(response-token cross-entropy {m.get('lm', float('nan')):.4f}), {m.get('tokens_per_s', 0):.0f} tokens/s")
     print(f"wrote {summary['out_dir']} (checkpoints, metrics.jsonl, tensorboard/, loss_curve.png"
           + (", adapter_peft/)" if "peft_adapter" in summary else ")"))
 
@@ -219,10 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_convert)
     s = sub.add_parser("pretrain", help="pre-train a foundation adapter (KD from a teacher + LM on text)")
     _add_run_args(s)
-    s.set_defaults(fn=_pretrain)
+    s.set_defaults(fn=lambda a: _run_training(a, "pretrain"))
     s = sub.add_parser("sft", help="fine-tune an adapter downstream (init=foundation:RUN | peft:DIR | random)")
     _add_run_args(s)
-    s.set_defaults(fn=_sft)
+    s.set_defaults(fn=lambda a: _run_training(a, "sft"))
     s = sub.add_parser("eval", help="perplexity, teacher agreement and QA scores (ROUGE-L, exact match)")
     s.add_argument("--model", required=True, help="HF directory, .gguf file or embedded:NAME")
     s.add_argument("--adapter", help="PEFT adapter directory or fa_jax run directory (uses its keep_layers)")

@@ -161,34 +161,30 @@ def encode(tokenizer, messages, *, chat: bool, where: str = "record") -> tuple[n
 def make_rows(examples, seq_len: int, pad_id: int, pack: bool) -> list[dict]:
     """Training rows from encoded examples [(ids, target), ...]: int32 [T] tokens, labels, mask, segment_ids,
     positions; mask[t] = 1 exactly where labels[t] is a response token of the same example as tokens[t]."""
-    T = seq_len
-    groups, cur, used = [], [], 0
-    for ids, target in examples:
-        ids, target = ids[: T + 1], target[: T + 1]
-        if pack and cur and used + len(ids) <= T + 1:
-            cur.append((ids, target))
-            used += len(ids)
+    groups, used = [], 0
+    for ex in examples:
+        n = min(len(ex[0]), seq_len + 1)
+        if pack and groups and used + n <= seq_len + 1:
+            groups[-1].append(ex)
+            used += n
         else:
-            if cur:
-                groups.append(cur)
-            cur, used = [(ids, target)], len(ids)
-    if cur:
-        groups.append(cur)
-    rows = []
-    for g in groups:
-        row = np.full(T + 1, pad_id, np.int32)
-        tgt = np.zeros(T + 1, np.int32)
-        seg = np.zeros(T + 1, np.int32)
-        pos = np.zeros(T + 1, np.int32)
-        o = 0
-        for k, (ids, target) in enumerate(g, 1):
-            n = len(ids)
-            row[o:o + n], tgt[o:o + n], seg[o:o + n], pos[o:o + n] = ids, target, k, np.arange(n)
-            o += n
-        same = (seg[:T] == seg[1:]) & (seg[:T] > 0)
-        rows.append({"tokens": row[:T], "labels": row[1:], "mask": (same & (tgt[1:] > 0)).astype(np.int32),
-                     "segment_ids": seg[:T], "positions": pos[:T]})
-    return rows
+            groups.append([ex])
+            used = n
+    return [_row(g, seq_len, pad_id) for g in groups]
+
+
+def _row(group, T: int, pad_id: int) -> dict:
+    """One row from the examples of `group`, each cut to T + 1 tokens, each its own segment."""
+    row = np.full(T + 1, pad_id, np.int32)
+    tgt, seg, pos = (np.zeros(T + 1, np.int32) for _ in range(3))
+    o = 0
+    for k, (ids, target) in enumerate(group, 1):
+        n = min(len(ids), T + 1)
+        row[o:o + n], tgt[o:o + n], seg[o:o + n], pos[o:o + n] = ids[:n], target[:n], k, np.arange(n)
+        o += n
+    same = (seg[:T] == seg[1:]) & (seg[:T] > 0)
+    return {"tokens": row[:T], "labels": row[1:], "mask": (same & (tgt[1:] > 0)).astype(np.int32),
+            "segment_ids": seg[:T], "positions": pos[:T]}
 
 
 class SFTBatches:
@@ -231,21 +227,23 @@ class SFTBatches:
         return self
 
     def __next__(self) -> dict:
-        rows = []
-        while len(rows) < self.B:
-            order = self._order(self.epoch)
-            group = []
-            # enough examples for the rows still missing (packed rows take several)
-            while self.cursor < len(order) and len(make_rows(group, self.T, self.pad_id, self.pack)) <= self.B - len(rows):
-                group.append(self.example(int(order[self.cursor])))
-                self.cursor += 1
-            made = make_rows(group, self.T, self.pad_id, self.pack)
-            if len(made) > self.B - len(rows):  # the last example opened a row too many: give it back
-                self.cursor -= 1
-                made = make_rows(group[:-1], self.T, self.pad_id, self.pack)
-            rows += made
-            if self.cursor >= len(order):
-                self.epoch, self.cursor = self.epoch + 1, 0
+        T = self.T
+        groups, used = [], 0  # the examples of each row of this batch
+        while True:
+            ex = self.example(int(self._order(self.epoch)[self.cursor]))
+            n = min(len(ex[0]), T + 1)
+            if self.pack and groups and used + n <= T + 1:
+                groups[-1].append(ex)
+                used += n
+            elif len(groups) == self.B:
+                break  # this example would open a row too many: it starts the next batch
+            else:
+                groups.append([ex])
+                used = n
+            self.cursor += 1
+            if self.cursor >= len(self.records):  # an epoch ends: its last row is not filled from the next one
+                self.epoch, self.cursor, used = self.epoch + 1, 0, T + 2
+        rows = [_row(g, T, self.pad_id) for g in groups]
         if self.truncated:
             warnings.warn(f"{self.truncated} SFT examples were longer than data.seq_len + 1 tokens and were cut")
             self.truncated = 0

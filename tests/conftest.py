@@ -20,3 +20,15 @@ def hf_dirs(tmp_path_factory):
         d = tmp_path_factory.mktemp(f"hf_{fam}")
         out[fam] = (str(d), save_hf_model(fam, d))
     return out
+
+
+@pytest.fixture(scope="module")
+def contained_datasets_cache(tmp_path_factory):
+    """datasets' Arrow copies of the files a test module reads go to a temporary directory, not the user's cache
+    (modules opt in with `pytestmark = pytest.mark.usefixtures("contained_datasets_cache")`)."""
+    import datasets
+
+    cache = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = str(tmp_path_factory.mktemp("hf_datasets_cache"))
+    yield
+    datasets.config.HF_DATASETS_CACHE = cache

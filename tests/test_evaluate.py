@@ -20,13 +20,7 @@ DOCS = ["the hacker wrote a program for the system", "a computer is a system of 
         "data"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def contained_datasets_cache(tmp_path_factory):
-    """datasets' Arrow copies of the files read here go to a temporary directory, not the user's cache."""
-    cache = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = str(tmp_path_factory.mktemp("hf_datasets_cache"))
-    yield
-    datasets.config.HF_DATASETS_CACHE = cache
+pytestmark = pytest.mark.usefixtures("contained_datasets_cache")
 
 
 # ------------------------------------------------------------------------------------------ metrics, scored by hand

@@ -2,7 +2,6 @@
 through direct requests and through lm_eval.simple_evaluate on a local multiple-choice task."""
 import json
 
-import datasets
 import jax
 import numpy as np
 import pytest
@@ -27,13 +26,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def contained_datasets_cache(tmp_path_factory):
-    """datasets' Arrow copies of the files read here go to a temporary directory, not the user's cache."""
-    cache = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = str(tmp_path_factory.mktemp("hf_datasets_cache"))
-    yield
-    datasets.config.HF_DATASETS_CACHE = cache
+pytestmark = pytest.mark.usefixtures("contained_datasets_cache")
 
 
 @pytest.fixture(scope="module")

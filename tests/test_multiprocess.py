@@ -19,6 +19,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _outputs(procs, timeout=300) -> list[str]:
+    """The output of each process, once it exited successfully (killed after `timeout` seconds)."""
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        finally:
+            p.kill()
+        assert p.returncode == 0, out[-3000:]
+        outs.append(out)
+    return outs
+
+
 def test_two_processes_equal_one(setup, tmp_path):
     root, corpus = setup
     over = {"run.steps": 3, "run.save_every": 2, "mesh.shape": [2, 4, 1]}
@@ -31,14 +44,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_pretrain.py"), str(i), str(port),
                                str(cfg_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=300)
-        finally:
-            p.kill()
-        outs.append(out)
-        assert p.returncode == 0, out[-3000:]
+    outs = _outputs(procs)
     assert all(f"DONE {i} 3 1" in o for i, o in enumerate(outs)), outs
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in two] == [1, 2, 3]
@@ -64,12 +70,7 @@ def test_two_processes_from_the_command_line(setup, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "fa_jax", "pretrain", "--distributed", "--config", str(conf)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**env, "FA_JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=300)
-        finally:
-            p.kill()
-        assert p.returncode == 0 and "step 2/2" in out, out[-3000:]
+    assert all("step 2/2" in out for out in _outputs(procs))
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
 
