@@ -34,11 +34,29 @@ def _info(args) -> None:
     print(f"parameters: {config.num_params:,}")
 
 
+def _keep_layers(text):
+    """--keep-layers: None, "every_other" or comma-separated layer indices."""
+    if text in (None, "every_other"):
+        return text
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise FaJaxError(f"--keep-layers {text}: expected every_other or comma-separated layer indices, e.g. 0,2,4")
+
+
 def _convert(args) -> None:
     import fa_jax
+    from fa_jax.embedded import resolve_model_path
+    from fa_jax.models import transformer
 
     t0 = time.time()
+    keep = _keep_layers(args.keep_layers)
+    args.path = resolve_model_path(args.path)
     config, params = fa_jax.load_model(args.path, dtype=args.dtype)
+    if keep is not None:
+        n = config.num_hidden_layers
+        config, params = transformer.select_layers(config, params, keep)
+        print(f"kept {config.num_hidden_layers} of {n} layers")
     tokenizer = None
     if not args.no_tokenizer:
         try:
@@ -110,9 +128,7 @@ def _eval(args) -> None:
                          "RECORDS.jsonl")
     if args.agreement and not args.teacher:
         raise FaJaxError("eval --agreement needs --teacher MODEL")
-    keep = args.keep_layers
-    if keep not in (None, "every_other"):
-        keep = [int(i) for i in keep.split(",")]
+    keep = _keep_layers(args.keep_layers)
     adapter_dir, keep = _load_eval_adapter(args.adapter, None, keep)
     path = resolve_model_path(args.model)
     config, params = fa_jax.load_model(path, dtype=args.dtype)
@@ -197,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", help="storage dtype of the output (float32, bfloat16, float16)")
     s.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size")
     s.add_argument("--no-tokenizer", action="store_true", help="do not save the tokenizer")
+    s.add_argument("--keep-layers", help="write a pruned model: every_other or comma-separated layer indices (the "
+                   "student of a keep_layers run, e.g. to load its PEFT adapter in transformers)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.set_defaults(fn=_convert)
     s = sub.add_parser("pretrain", help="pre-train a foundation adapter (KD from a teacher + LM on text)")

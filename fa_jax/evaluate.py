@@ -148,6 +148,47 @@ def perplexity(config, params, tokenizer, documents, *, adapters=None, seq_len: 
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}
 
 
+def _agreement_fn(teacher_cfg, student_cfg, temperature, dtype, chunk_size):
+    """jitted (h_teacher, teacher, student, adapters, batch) -> summed (kd, agreement, student nll, tokens)."""
+    def step(h_t, teacher, student, adapters, b):
+        h_s = transformer.hidden_states(student_cfg, student, b["tokens"], adapters, segment_ids=b["segment_ids"],
+                                        positions=b["positions"], dtype=dtype)
+        head_s, s_vd = transformer.lm_head(student_cfg, student)
+        head_t, t_vd = transformer.lm_head(teacher_cfg, teacher)
+        _, m = losses.chunked_distill_loss(h_s, head_s, h_t, head_t, b["labels"], b["mask"], alpha=1.0,
+                                           temperature=float(temperature), chunk_size=chunk_size, normalizer=1.0,
+                                           student_head_vd=s_vd, teacher_head_vd=t_vd)
+        return m["kd"], m["agreement"], m["lm"], m["tokens"]
+
+    return jax.jit(step)
+
+
+def _teacher_fn(teacher_cfg, dtype, chunk_size):
+    """jitted (teacher, batch) -> (hidden states [B, T, D], summed teacher nll, tokens)."""
+    def step(teacher, b):
+        h = transformer.hidden_states(teacher_cfg, teacher, b["tokens"], segment_ids=b["segment_ids"],
+                                      positions=b["positions"], dtype=dtype)
+        head, vd = transformer.lm_head(teacher_cfg, teacher)
+        _, m = losses.chunked_distill_loss(h, head, None, None, b["labels"], b["mask"], alpha=0.0,
+                                           chunk_size=chunk_size, normalizer=1.0, student_head_vd=vd)
+        return h, m["lm"], m["tokens"]
+
+    return jax.jit(step)
+
+
+def _check_temperature(temperature):
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise FaJaxError(f"temperature={temperature!r}: expected a number > 0")
+
+
+def _agreement_summary(sums) -> dict:
+    kd, agree, nll, tokens = sums
+    if tokens == 0:
+        raise FaJaxError("documents: no next-token pairs to score (every document is a single token or empty)")
+    return {"kl": kd / tokens, "top1_agreement": agree / tokens, "student_nll": nll / tokens,
+            "perplexity": math.exp(nll / tokens), "tokens": int(tokens)}
+
+
 def teacher_agreement(teacher_cfg, teacher, student_cfg, student, tokenizer, documents, *, adapters=None,
                       seq_len: int = 256, batch_size: int = 4, temperature: float = 1.0, dtype=None,
                       chunk_size: int = 128, add_bos: bool | None = None, add_eos: bool | None = None,
@@ -156,32 +197,75 @@ def teacher_agreement(teacher_cfg, teacher, student_cfg, student, tokenizer, doc
 
     Returns {"kl": mean KL(P_teacher || P_student) per real token at `temperature` (nats, no T**2 factor),
     "top1_agreement": fraction of real tokens where both models' most likely next token is the same,
-    "student_nll": the student's mean next-token NLL, "tokens": the number of real tokens}. Documents, packing
-    and arguments as in `perplexity`; both models must use `tokenizer` (vocabularies differing only by padding rows
-    are compared on the shared part, as in training). Computed chunk by chunk (`losses.chunked_distill_loss` with
-    alpha = 1), so neither model's [B, T, V] float32 logits are ever held for a whole row.
+    "student_nll": the student's mean next-token NLL, "perplexity": exp(student_nll), "tokens": the number of real
+    tokens}. Documents, packing and arguments as in `perplexity`; both models must use `tokenizer` (vocabularies
+    differing only by padding rows are compared on the shared part, as in training). Computed chunk by chunk
+    (`losses.chunked_distill_loss` with alpha = 1), so neither model's [B, T, V] float32 logits are ever held for a
+    whole row. To compare several students with one teacher, `TeacherReference` runs the teacher only once.
     """
-    def step(teacher, student, adapters, b):
-        kw = dict(segment_ids=b["segment_ids"], positions=b["positions"], dtype=dtype)
-        h_s = transformer.hidden_states(student_cfg, student, b["tokens"], adapters, **kw)
-        h_t = transformer.hidden_states(teacher_cfg, teacher, b["tokens"], **kw)
-        head_s, s_vd = transformer.lm_head(student_cfg, student)
-        head_t, t_vd = transformer.lm_head(teacher_cfg, teacher)
-        _, m = losses.chunked_distill_loss(h_s, head_s, h_t, head_t, b["labels"], b["mask"], alpha=1.0,
-                                           temperature=float(temperature), chunk_size=chunk_size, normalizer=1.0,
-                                           student_head_vd=s_vd, teacher_head_vd=t_vd)
-        return m["kd"], m["agreement"], m["lm"], m["tokens"]
-
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise FaJaxError(f"temperature={temperature!r}: expected a number > 0")
-    step = jax.jit(step)
+    _check_temperature(temperature)
+    teacher_step = _teacher_fn(teacher_cfg, dtype, chunk_size)
+    step = _agreement_fn(teacher_cfg, student_cfg, temperature, dtype, chunk_size)
     sums = np.zeros(4, np.float64)
     for batch in _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
-        sums += np.asarray(jax.device_get(step(teacher, student, adapters, _device_batch(batch))), np.float64)
-    kd, agree, nll, tokens = sums
-    if tokens == 0:
-        raise FaJaxError("documents: no next-token pairs to score (every document is a single token or empty)")
-    return {"kl": kd / tokens, "top1_agreement": agree / tokens, "student_nll": nll / tokens, "tokens": int(tokens)}
+        b = _device_batch(batch)
+        h_t, _, _ = teacher_step(teacher, b)
+        sums += np.asarray(jax.device_get(step(h_t, teacher, student, adapters, b)), np.float64)
+    return _agreement_summary(sums)
+
+
+class TeacherReference:
+    """The teacher's view of held-out text, computed once, against which any number of students are scored.
+
+        ref = TeacherReference(teacher_cfg, teacher, tokenizer, held_out_texts, max_rows=16)
+        ref.teacher_metrics    # {"perplexity", "nll", "tokens"} of the teacher itself
+        ref.score(student_cfg, student, adapters=lora)   # as teacher_agreement: {"kl", "top1_agreement", ...}
+
+    The held-out rows are packed as in `perplexity` (at most `max_rows` of them, None: all) and the teacher's final
+    hidden states [B, T, D] are kept per batch (D floats per token, not V), so each `score` call runs only the
+    student and the two LM heads, chunk by chunk. Students with the same shapes share one compilation.
+    """
+
+    def __init__(self, teacher_cfg, teacher, tokenizer, documents, *, seq_len: int = 256, batch_size: int = 4,
+                 max_rows: int | None = None, temperature: float = 1.0, dtype=None, chunk_size: int = 128,
+                 add_bos: bool | None = None, add_eos: bool | None = None, text_field: str = "text",
+                 split: str = "paragraph"):
+        _check_temperature(temperature)
+        if max_rows is not None and int(max_rows) < 1:
+            raise FaJaxError(f"max_rows={max_rows!r}: expected at least 1 (or None for every row)")
+        self.teacher_cfg, self.teacher = teacher_cfg, teacher
+        self.temperature, self.dtype, self.chunk_size = float(temperature), dtype, int(chunk_size)
+        teacher_step = _teacher_fn(teacher_cfg, dtype, chunk_size)
+        self.batches, self.hidden = [], []
+        nll, tokens, rows = 0.0, 0, 0
+        for batch in _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
+            if max_rows is not None and rows >= int(max_rows):
+                break
+            b = _device_batch(batch)
+            h, s, n = teacher_step(teacher, b)
+            self.batches.append(b)
+            self.hidden.append(h)
+            nll, tokens, rows = nll + float(s), tokens + int(n), rows + batch_size
+        if tokens == 0:
+            raise FaJaxError("documents: no next-token pairs to score (every document is a single token or empty)")
+        self.teacher_metrics = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens}
+        self._steps: dict = {}
+
+    @property
+    def rows(self) -> int:
+        return sum(int(b["tokens"].shape[0]) for b in self.batches)
+
+    def score(self, student_cfg, student, adapters=None) -> dict:
+        """{"kl", "top1_agreement", "student_nll", "perplexity", "tokens"} of one student on the held-out rows."""
+        key = student_cfg  # a frozen dataclass: students with the same config share one compiled step
+        if key not in self._steps:
+            self._steps[key] = _agreement_fn(self.teacher_cfg, student_cfg, self.temperature, self.dtype,
+                                             self.chunk_size)
+        step = self._steps[key]
+        sums = np.zeros(4, np.float64)
+        for h_t, b in zip(self.hidden, self.batches):
+            sums += np.asarray(jax.device_get(step(h_t, self.teacher, student, adapters, b)), np.float64)
+        return _agreement_summary(sums)
 
 
 def target_logprobs(config, params, tokens, targets, mask, adapters=None, *, dtype=None, chunk_size: int = 128):

@@ -253,7 +253,9 @@ def plot_explained_variance(report, path: str, modules=None, taus=(0.25, 0.5, 0.
         ax.plot(np.arange(1, len(s) + 1), np.cumsum(s ** 2) / (s ** 2).sum(), label=name)
     for t in taus:
         ax.axhline(t, color="grey", lw=0.5, ls="--")
-    ax.set_xscale("log")
+    longest = max((len(report["modules"][n]["spectrum"]) for n in names), default=0)
+    if longest > 32:  # a log axis for full-rank deltas; small ranks read better on a linear one
+        ax.set_xscale("log")
     ax.set_xlabel("rank k")
     ax.set_ylabel("explained variance")
     ax.set_title("explained variance of the adapter's matrices")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The placeholder demo, end to end: set up .venv (first run only), fetch English prose (first run only), then
-# load the embedded SmolLM2-135M-Instruct GGUF with fa_jax, answer a question greedily and measure perplexity.
+# The embedded default end to end: set up .venv (first run only), fetch English prose (first run only), then run
+# the seed's ablation at small scale (fa_jax.ablation): pruned student / + CPT adapter / + CPT+KD adapter / teacher.
 #   bash scripts/demo.sh                          # prose from Debian's jargon-text package
 #   TEXT=/path/to/file.txt bash scripts/demo.sh   # any English text instead (no apt needed)
 set -euo pipefail

@@ -340,3 +340,30 @@ def test_evaluate_qa_with_generate_text(tiny, tmp_path):
     assert summary["n"] == 2 and 0 <= summary["rougeL_recall"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "qa" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(isinstance(r["prediction"], str) for r in rows)
+
+
+def test_teacher_reference_scores_like_teacher_agreement(tiny):
+    """One teacher pass, several students: each score equals teacher_agreement on the same rows, and the teacher's
+    own perplexity equals `perplexity` of the teacher."""
+    models, tok = tiny
+    t_cfg, teacher, _ = models["llama"]
+    s_cfg, student, _ = models["llama_b"]
+    lora = fa_jax.init_lora(s_cfg, jax.random.PRNGKey(1), rank=4, alpha=8)
+    lora = jax.tree.map(lambda x: x - 0.03 if x.ndim == 2 else x, lora)
+    ref = evaluate.TeacherReference(t_cfg, teacher, tok, DOCS, seq_len=16, batch_size=2, chunk_size=4)
+    for adapters in (None, lora):
+        got = ref.score(s_cfg, student, adapters=adapters)
+        want = evaluate.teacher_agreement(t_cfg, teacher, s_cfg, student, tok, DOCS, adapters=adapters, seq_len=16,
+                                          batch_size=2, chunk_size=4)
+        assert got["tokens"] == want["tokens"]
+        for k in ("kl", "top1_agreement", "student_nll", "perplexity"):
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+    assert len(ref._steps) == 1  # the same student config: one compiled step for both
+    own = evaluate.perplexity(t_cfg, teacher, tok, DOCS, seq_len=16, batch_size=2)
+    np.testing.assert_allclose(ref.teacher_metrics["nll"], own["nll"], rtol=1e-6)
+    assert ref.teacher_metrics["tokens"] == own["tokens"]
+    # max_rows keeps the first rows only
+    small = evaluate.TeacherReference(t_cfg, teacher, tok, DOCS, seq_len=16, batch_size=2, max_rows=2)
+    assert small.rows == 2 and small.teacher_metrics["tokens"] < own["tokens"]
+    with pytest.raises(FaJaxError, match="max_rows=0"):
+        evaluate.TeacherReference(t_cfg, teacher, tok, DOCS, max_rows=0)

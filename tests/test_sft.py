@@ -189,7 +189,7 @@ def test_two_step_sft_from_the_command_line(tmp_path, setup, capsys):
 
 
 @pytest.mark.parametrize("name,kind", [("pretrain_smollm2", "pretrain"), ("pretrain_llama31_8b_to_llama32_1b", "pretrain"),
-                                       ("sft_smollm2", "sft")])
+                                       ("knowledge_llama3_8b", "pretrain"), ("sft_smollm2", "sft")])
 def test_shipped_run_configs_resolve(name, kind):
     """Every key of the shipped run configs exists in the defaults, with the right type."""
     import os
