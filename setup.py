@@ -28,7 +28,8 @@ setup(
     ],
     extras_require={
         # torch first and pinned: 2.13.0 is the local CPU wheel (see README, "Developing").
-        "test": ["pytest", "torch==2.13.0", "lm-eval", "peft", "chex"],
+        "test": ["pytest", "torch==2.13.0", "lm-eval", "peft", "chex",
+                 "nbclient", "nbformat", "ipykernel"],  # nbclient & co.: tests/test_notebook.py runs the quickstart
         "eval": ["lm-eval"],  # fa_jax.lm_eval_bridge: lm-evaluation-harness tasks on fa_jax models
         "tfds": ["tensorflow-datasets"],
     },
