@@ -98,18 +98,20 @@ def _load_eval_adapter(path, config, keep_layers):
     exported adapter, on the student its config.json names with keep_layers)."""
     import json
 
-    from fa_jax.io.peft import CONFIG, load_peft
+    from fa_jax.adapters import FA_JAX_CONFIG
+    from fa_jax.io.peft import CONFIG
 
     if path is None:
         return None, keep_layers
     if not os.path.isdir(path):
         raise FaJaxError(f"--adapter {path}: no such directory")
     run_cfg = os.path.join(path, "config.json")
-    if os.path.exists(os.path.join(path, "adapter_peft", CONFIG)):
+    is_adapter = lambda d: any(os.path.exists(os.path.join(d, f)) for f in (CONFIG, FA_JAX_CONFIG))
+    if is_adapter(os.path.join(path, "adapter_peft")):
         if keep_layers is None and os.path.exists(run_cfg):
             keep_layers = json.load(open(run_cfg)).get("model", {}).get("keep_layers")
         return os.path.join(path, "adapter_peft"), keep_layers
-    if os.path.exists(os.path.join(path, CONFIG)):
+    if is_adapter(path):
         return path, keep_layers
     raise FaJaxError(f"--adapter {path}: not a PEFT adapter directory or a fa_jax run with adapter_peft/")
 
@@ -135,7 +137,9 @@ def _eval(args) -> None:
     tokenizer = fa_jax.load_tokenizer(path)
     if keep is not None:
         config, params = transformer.select_layers(config, params, keep)
-    adapters = fa_jax.load_peft(config, adapter_dir) if adapter_dir else None
+    from fa_jax.adapters import load_adapter_dir
+
+    adapters = load_adapter_dir(config, adapter_dir) if adapter_dir else None
     summary = {"model": args.model, "adapter": args.adapter, "keep_layers": keep}
     kw = dict(seq_len=args.seq_len, batch_size=args.batch_size)
     if args.perplexity:

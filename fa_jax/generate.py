@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fa_jax import prompts as prompts_lib
 from fa_jax.errors import FaJaxError
 from fa_jax.models import transformer
 
@@ -101,15 +102,20 @@ def _advance(state, tok):
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "new_slots"))
 def _prefill(config, dtype, new_slots, params, adapters, tokens, valid, state):
     """Prompts [B, P] (left-padded, `valid` False on padding) -> the state holding the cache and the logits of
-    the first new token."""
+    the first new token. A prompt / prefix tuning adapter's N virtual tokens take the first N slots (positions
+    0..N-1): the prompts then go into slots N..N+P-1 and their positions, like `lens`, are shifted by N."""
     TRACES["prefill"] += 1
     B, P = tokens.shape
-    cache = transformer.init_cache(config, B, P + new_slots, dtype)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    hidden, cache = transformer.hidden_states_with_cache(config, params, tokens, cache, 0, positions, valid,
+    n = prompts_lib.num_virtual_tokens(adapters)
+    cache = transformer.init_cache(config, B, n + P + new_slots, dtype)
+    if n:
+        cache = prompts_lib.fill_cache(config, params, adapters, cache, dtype)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32) + n
+    hidden, cache = transformer.hidden_states_with_cache(config, params, tokens, cache, n, positions, valid,
                                                          adapters, dtype=dtype)
     logits = transformer.lm_logits(config, params, hidden[:, -1])  # [B, V]: every row's last token is in P - 1
-    return {**state, "cache": cache, "logits": logits, "out": jnp.zeros((B, new_slots), jnp.int32)}
+    return {**state, "cache": cache, "logits": logits, "out": jnp.zeros((B, new_slots), jnp.int32),
+            "lens": state["lens"] + n}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("state",))
@@ -224,7 +230,8 @@ def _generate(config, params, prompts: list[list[int]], *, adapters, max_new_tok
         valid[b, P - len(ids):] = True
         lens[b] = len(ids)
     limit = np.zeros(rows, np.int32)
-    limit[:B] = np.minimum(max_new_tokens, config.max_position_embeddings - lens[:B])
+    context = config.max_position_embeddings - prompts_lib.num_virtual_tokens(adapters)  # virtual tokens' positions
+    limit[:B] = np.minimum(max_new_tokens, np.maximum(context - lens[:B], 1))
     eos_arr = np.full(max(8, 1 << max(len(eos) - 1, 0).bit_length()), -1, np.int32)
     eos_arr[:len(eos)] = eos
     ids = np.zeros(rows, np.uint32)
@@ -263,7 +270,8 @@ def generate_tokens(config, params, prompt_ids: list[list[int]], *, adapters=Non
                     pad_id: int | None = None, seed: int = 0, dtype=None) -> list[list[int]]:
     """The new tokens of each prompt (token id lists of any lengths), cut before the first EOS.
 
-    adapters: a LoRA tree applied unmerged (as in `forward`). temperature 0 is greedy; otherwise top_k (0: off)
+    adapters: a LoRA tree applied unmerged (as in `forward`), or a prompt / prefix tuning tree (fa_jax/prompts.py:
+    its virtual tokens fill the first cache slots). temperature 0 is greedy; otherwise top_k (0: off)
     and top_p (1: off) filter the distribution before sampling with `seed`. eos_token_ids: an id or a list of
     them; None takes config.eos_token_id (an id or a tuple of them), [] never stops early. pad_id only fills the
     padding (which no token attends to); None takes config.pad_token_id, else the first EOS id, else 0.

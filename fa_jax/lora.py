@@ -5,6 +5,10 @@ For a linear module at `model.layers.3.self_attn.q_proj` the adapter tree holds,
 The module computes `x @ W + scale * (x @ A) @ B`, which equals `x @ materialize(W, adapter)`.
 `scale` is a constant of the adapter: it gets no gradient (stop_gradient here) and trainers keep it out of the
 optimizer with `trainable_mask`.
+
+A DoRA module (weight-decomposed LoRA, Liu et al. 2024; PEFT `use_dora=True`) is a LoRA module plus
+`"magnitude": [O]` (float32): the adapted weight is `W' = m * V / ||V||_c` with `V = W + scale * A @ B` and
+`||V||_c` the norm of each output feature's column (over the input axis I). It starts at `m = ||W||_c`, B = 0.
 """
 from __future__ import annotations
 
@@ -57,11 +61,65 @@ def _low_rank_bwd(res, g):
 _low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
-def materialize(kernel, adapter):
-    """W + scale * A @ B, in W's dtype (the product is formed in float32)."""
+def is_dora(adapter) -> bool:
+    """Whether a module's adapter is DoRA (a LoRA module with a `magnitude` vector)."""
+    return isinstance(adapter, dict) and "magnitude" in adapter
+
+
+def _direction(kernel, adapter):
+    """V = W + scale * A @ B, [I, O] float32."""
     delta = adapter["scale"].astype(jnp.float32) * (adapter["lora_A"].astype(jnp.float32)
                                                     @ adapter["lora_B"].astype(jnp.float32))
-    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    return kernel.astype(jnp.float32) + delta
+
+
+def weight_norm(kernel, adapter):
+    """||W + scale * A @ B||_c: the L2 norm over the input axis of each output feature, [O] float32 for W [I, O]
+    (PEFT's `get_weight_norm`, which takes it over dim 1 of torch's [O, I] weight)."""
+    return jnp.linalg.norm(_direction(kernel, adapter), axis=0)
+
+
+def apply_dora(x, y, kernel, adapter, dropout=None):
+    """DoRA output for x [..., I], y = x @ kernel [..., O] without bias (the caller adds the bias after), W [I, O].
+
+    g = magnitude / ||W + scale * A @ B||_c, [O]; without dropout the result is g * (y + scale * (x @ A) @ B). As in
+    PEFT, the norm is a constant of the step (stop_gradient, the DoRA paper's section 4.3: A and B get gradients
+    through the low-rank term only), and with dropout the base output is rescaled on the dropped input:
+    y + (g - 1) * dropout(x) @ W + g * scale * (dropout(x) @ A) @ B.
+    """
+    scale = jax.lax.stop_gradient(adapter["scale"]).astype(x.dtype)
+    norm = jax.lax.stop_gradient(weight_norm(kernel, adapter))
+    g = (adapter["magnitude"].astype(jnp.float32) / norm).astype(x.dtype)
+    a, b = adapter["lora_A"].astype(x.dtype), adapter["lora_B"].astype(x.dtype)
+    if dropout is None:
+        return g * (y + _low_rank(x, a, b, scale))
+    xd = dropout(x)
+    yd = jnp.einsum("...i,io->...o", xd, kernel.astype(x.dtype))
+    return y + (g - 1) * yd + g * _low_rank(xd, a, b, scale)
+
+
+def materialize(kernel, adapter):
+    """W + scale * A @ B for LoRA, m * V / ||V||_c with V = W + scale * A @ B for DoRA; in W's dtype (formed in
+    float32)."""
+    v = _direction(kernel, adapter)
+    if is_dora(adapter):
+        v = v * (adapter["magnitude"].astype(jnp.float32) / jnp.linalg.norm(v, axis=0))[None, :]
+    return v.astype(kernel.dtype)
+
+
+def init_magnitude(adapters, params):
+    """The adapter tree with every LoRA module made DoRA: `magnitude` = ||W + scale * A @ B||_c [O] float32 from
+    the base `params` (PEFT's initialisation), so the model's output is unchanged by the conversion."""
+    from fa_jax.tree import get_path, set_path
+
+    out = adapters
+    for path, ad in iter_modules(adapters):
+        try:
+            kernel = get_path(params, path + ".kernel")
+        except KeyError:
+            raise FaJaxError(f"DoRA: the base params have no {path}.kernel for the adapter module {path}") from None
+        out = set_path(out, path, {**ad, "magnitude": weight_norm(kernel, ad)})
+    return out
 
 
 def resolve_targets(config, targets) -> list[str]:
@@ -99,14 +157,19 @@ def _set(tree: dict, path: str, value) -> None:
 
 def init_lora(config, rng, rank: int = 8, alpha: float = 16.0, targets="all-linear", use_rslora: bool = False,
               dtype=jnp.float32, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
-              init: str = "kaiming"):
+              init: str = "kaiming", use_dora: bool = False, params=None):
     """A fresh LoRA tree: B = 0 (so the model starts exactly as the base), A random.
 
     `init="kaiming"` draws A uniformly in +-1/sqrt(I) (PEFT's default); `init="gaussian"` draws N(0, 1/R^2).
     `rank_pattern` / `alpha_pattern` map module names or paths to per-module rank / alpha.
+    `use_dora` makes every module DoRA, with `magnitude` = the column norms of the base kernels: it needs the base
+    `params` (see `init_magnitude`).
     """
     if int(rank) < 1:
         raise FaJaxError(f"LoRA rank must be >= 1, got {rank}")
+    if use_dora and params is None:
+        raise FaJaxError("init_lora(use_dora=True) needs the base params (params=...): DoRA's magnitude starts at "
+                         "the column norms of the base weights")
     from fa_jax.models.transformer import linear_modules
 
     shapes = dict(linear_modules(config))
@@ -134,7 +197,7 @@ def init_lora(config, rng, rank: int = 8, alpha: float = 16.0, targets="all-line
             raise FaJaxError(f"unknown LoRA init {init!r} (expected 'kaiming' or 'gaussian')")
         _set(tree, path, {"lora_A": A.astype(dtype), "lora_B": jnp.zeros((r, d_out), dtype),
                           "scale": jnp.asarray(a / (math.sqrt(r) if use_rslora else r), jnp.float32)})
-    return tree
+    return init_magnitude(tree, params) if use_dora else tree
 
 
 def _lookup(pattern: dict | None, path: str, default):
@@ -150,7 +213,7 @@ def _lookup(pattern: dict | None, path: str, default):
 
 
 def iter_modules(adapters, prefix: str = "") -> Iterable[tuple[str, dict]]:
-    """(module path, {"lora_A", "lora_B", "scale"}) for every LoRA module in the tree."""
+    """(module path, {"lora_A", "lora_B", "scale"[, "magnitude"]}) for every LoRA or DoRA module in the tree."""
     if isinstance(adapters, dict) and "lora_A" in adapters:
         yield prefix, adapters
         return
@@ -160,14 +223,15 @@ def iter_modules(adapters, prefix: str = "") -> Iterable[tuple[str, dict]]:
 
 
 def trainable_mask(adapters):
-    """Same structure as `adapters`, True for leaves an optimizer should update (everything but `scale`)."""
+    """Same structure as `adapters`, True for leaves an optimizer should update (everything but `scale`; DoRA's
+    `magnitude` is trained)."""
     def mark(path, _):
         return getattr(path[-1], "key", None) != "scale"
     return jax.tree_util.tree_map_with_path(mark, adapters)
 
 
 def merge_into(params, adapters):
-    """Base params with every LoRA module folded in (`materialize`); returns a new tree."""
+    """Base params with every LoRA or DoRA module folded in (`materialize`); returns a new tree."""
     from fa_jax.tree import get_path, set_path
 
     out = params
@@ -182,5 +246,6 @@ def num_params(adapters, trainable_only: bool = True) -> int:
     return sum(int(x.size) for x, m in zip(jax.tree.leaves(adapters), jax.tree.leaves(mask)) if m or not trainable_only)
 
 
-__all__: Sequence[str] = ("init_lora", "apply", "materialize", "merge_into", "resolve_targets", "iter_modules",
-                          "trainable_mask", "num_params", "ALL_LINEAR")
+__all__: Sequence[str] = ("init_lora", "init_magnitude", "apply", "apply_dora", "is_dora", "weight_norm",
+                          "materialize", "merge_into", "resolve_targets", "iter_modules", "trainable_mask",
+                          "num_params", "ALL_LINEAR")

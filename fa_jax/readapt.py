@@ -97,8 +97,12 @@ def truncate(delta_dir: str, out_dir: str, *, tau: float | None = None, rank: in
         if base_config is None:
             raise FaJaxError(f"{delta_dir} is a PEFT adapter: pass --base-config DIR (the base model's config)")
         config = config_lib.load_config(base_config)
-        lore, report = treemath.truncate(peft.load_peft(config, delta_dir), tau=tau, rank=rank,
-                                         keep_non_matrix=False)
+        adapter = peft.load_peft(config, delta_dir)
+        if any(lora_lib.is_dora(ad) for _, ad in lora_lib.iter_modules(adapter)):
+            raise FaJaxError(f"{delta_dir} is a DoRA adapter, whose delta depends on the base weights: merge it first "
+                             f"(fa-jax merge --base BASE --adapter {delta_dir} --out MERGED), then truncate "
+                             f"fa-jax diff --base BASE --tuned MERGED")
+        lore, report = treemath.truncate(adapter, tau=tau, rank=rank, keep_non_matrix=False)
     else:
         config = config_lib.load_config(delta_dir)
         reader = hf.CheckpointReader(delta_dir)
@@ -189,7 +193,7 @@ def rank_table(report, limit: int = 12) -> str:
 
 
 def load_adapter(path: str, config):
-    """An adapter for `merge`: a dense RE-Adapter directory (returned as a lazy reader), a PEFT LoRA / LoRE
+    """An adapter for `merge`: a dense RE-Adapter directory (returned as a lazy reader), a PEFT LoRA / DoRA / LoRE
     directory, or a fa_jax pretrain run / checkpoint directory (its exported PEFT adapter)."""
     if not os.path.exists(path):
         raise FaJaxError(f"adapter {path}: no such directory")
@@ -240,7 +244,8 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
           tokenizer: bool = True) -> str:
     """W = base + sum(scale_i * delta_i), tensor by tensor, as an HF directory transformers loads.
 
-    adapters: [(path, scale), ...]; each a dense RE-Adapter, a PEFT LoRA/LoRE directory or a fa_jax run.
+    adapters: [(path, scale), ...]; each a dense RE-Adapter, a PEFT LoRA/DoRA/LoRE directory or a fa_jax run.
+    Every delta is taken from the base (a DoRA module's, m * V / ||V|| - W, depends on it), as `treemath.merge`.
     """
     if os.path.exists(out_dir) and not overwrite:
         raise FaJaxError(f"{out_dir}: output directory already exists (pass --overwrite)")
@@ -253,7 +258,8 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
         """Row blocks of base + sum(scale * delta); HF layout [out, in], so rows are output features."""
         m = path[: -len(".kernel")] if path.endswith(".kernel") else None
         for i, j in _row_blocks(reader.shape(name)):
-            w = reader.get_rows(name, i, j).astype(np.float32)
+            w0 = reader.get_rows(name, i, j).astype(np.float32)
+            w = w0
             for flat, kind, a, s in lora_flat:
                 if kind == "dense":
                     if name in a:
@@ -261,7 +267,12 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
                 elif m is not None and f"{m}.lora_A" in flat:
                     A = np.asarray(flat[f"{m}.lora_A"], np.float32)
                     B = np.asarray(flat[f"{m}.lora_B"], np.float32)[:, i:j]
-                    w = w + (s * float(flat[f"{m}.scale"])) * (A @ B).T
+                    if f"{m}.magnitude" in flat:  # DoRA; a block holds whole rows, so each row's norm is exact
+                        v = w0 + float(flat[f"{m}.scale"]) * (A @ B).T
+                        mag = np.asarray(flat[f"{m}.magnitude"], np.float32)[i:j]
+                        w = w + s * (v * (mag / np.linalg.norm(v, axis=1))[:, None] - w0)
+                    else:
+                        w = w + (s * float(flat[f"{m}.scale"])) * (A @ B).T
             yield w.astype(dt)
 
     entries = []

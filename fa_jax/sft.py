@@ -270,7 +270,8 @@ def parse_init(init: str) -> tuple[str, str | None]:
 def load_initial_adapter(cfg, student_cfg):
     """The adapter tree `cfg.init` names (None for random), checked against cfg.adapter's targets and rank."""
     from fa_jax import lora
-    from fa_jax.io.peft import CONFIG, load_peft
+    from fa_jax.adapters import FA_JAX_CONFIG, load_adapter_dir
+    from fa_jax.io.peft import CONFIG
 
     kind, path = parse_init(cfg.init)
     if kind == "random":
@@ -286,14 +287,16 @@ def load_initial_adapter(cfg, student_cfg):
             raise FaJaxError(f"init={cfg.init}: the foundation adapter was trained on a student with "
                              f"keep_layers={keep}, this run uses model.keep_layers={cfg.model.keep_layers}")
         peft_dir = os.path.join(path, "adapter_peft")
-        if os.path.exists(os.path.join(peft_dir, CONFIG)):
-            adapters = load_peft(student_cfg, peft_dir)
+        if any(os.path.exists(os.path.join(peft_dir, f)) for f in (CONFIG, FA_JAX_CONFIG)):
+            adapters = load_adapter_dir(student_cfg, peft_dir)
         else:
             from fa_jax.readapt import run_adapters
 
             adapters = run_adapters(path, student_cfg)
     else:
-        adapters = load_peft(student_cfg, path)
+        adapters = load_adapter_dir(student_cfg, path)
+    if cfg.adapter.kind not in ("lora", "dora"):
+        return adapters  # train.init_state checks the layout against cfg.adapter
     expected = {m: int(cfg.adapter.rank) for m in lora.resolve_targets(student_cfg, cfg.adapter.targets)}
     got = {m: int(a["lora_A"].shape[1]) for m, a in lora.iter_modules(adapters)}
     if expected != got:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fa_jax import adapters as adapters_lib
 from fa_jax import losses, lora, optim, run_config
 from fa_jax import sharding as sh
 from fa_jax.checkpoint import Checkpointer, abstract_like
@@ -42,8 +43,7 @@ def pretrain_defaults() -> dict:
             # everything: least memory), "dots" (keep the projections' outputs), "all_dots" (keep every matmul's)
             "remat": None,
         },
-        "adapter": {"kind": "lora", "rank": 8, "alpha": 16.0, "targets": "all-linear", "dropout": 0.0,
-                    "use_rslora": False, "init": "kaiming"},
+        "adapter": adapters_lib.adapter_defaults(),  # kind: lora | dora | bottleneck | prompt_tuning | ...
         "loss": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5, "chunk_size": 128},
         "data": {"train": None, "text_split": "paragraph", "text_field": "text", "seq_len": 256,
                  "batch_size": 4,  # global rows per step, over all processes
@@ -186,22 +186,36 @@ def check_same_tokenizer(t_tok, s_tok, t_path, s_path):
                          f"tokens; first difference {diff[0] if diff else '?'}): distillation needs one tokenizer")
 
 
-def init_state(cfg, student_cfg, mesh, rules, adapters=None):
+def init_state(cfg, student_cfg, mesh, rules, adapters=None, student=None):
     """The train state {step, adapters, opt_state, rng}, created directly in its sharding.
 
-    `adapters`: a LoRA tree to start from (a foundation or PEFT adapter); None draws a fresh one from cfg.adapter.
+    `adapters`: a tree of kind cfg.adapter.kind to start from (a foundation or PEFT adapter); None draws a fresh
+    one from cfg.adapter. `student`: the student's parameters (DoRA's magnitude starts at their column norms;
+    None: abstract shapes, enough for everything but a fresh DoRA).
     """
     a = cfg.adapter
-    if a.kind != "lora":
-        raise FaJaxError(f"adapter.kind={a.kind!r}: supported kinds: lora")
+    kind = adapters_lib.check_kind(a.kind)
     rng = jax.random.PRNGKey(int(cfg.run.seed))
-    init = functools.partial(lora.init_lora, student_cfg, rank=int(a.rank), alpha=float(a.alpha), targets=a.targets,
-                             use_rslora=bool(a.use_rslora), init=a.init)
-    shapes = jax.eval_shape(init, rng)
+    params = transformer.abstract_params(student_cfg, jnp.dtype(cfg.model.dtype)) if student is None else student
+    init = functools.partial(adapters_lib.init_adapter, student_cfg, a=dict(a))
+    shapes = jax.eval_shape(lambda r, p: init(r, params=p), rng, params)
     adapter_sh = sh.tree_shardings(student_cfg, shapes, mesh, rules)
     if adapters is None:
-        adapters = jax.jit(init, out_shardings=adapter_sh)(rng)
+        if kind == "dora" and student is None:
+            raise FaJaxError("adapter.kind='dora' needs the student's parameters to initialise")
+        adapters = jax.jit(lambda r, p: init(r, params=p), out_shardings=adapter_sh)(rng, params)
     else:
+        if kind == "dora" and not any("magnitude" in m for _, m in lora.iter_modules(adapters)):
+            adapters = lora.init_magnitude(adapters, student)  # a LoRA start: DoRA with the same output
+        if jax.tree.structure(adapters) != jax.tree.structure(shapes):
+            raise FaJaxError(f"the starting adapter does not have the layout of adapter.kind={kind!r} with this "
+                             "config's settings (different modules or leaves)")
+        bad = [(p, list(x.shape), list(s.shape)) for (p, x), s in zip(
+            jax.tree_util.tree_flatten_with_path(adapters)[0], jax.tree.leaves(shapes)) if x.shape != s.shape]
+        if bad:
+            path, got, want = bad[0]
+            raise FaJaxError(f"the starting adapter has {jax.tree_util.keystr(path)} of shape {got}; adapter.* "
+                             f"settings give {want}")
         adapters = jax.device_put(jax.tree.map(lambda x, s: np.asarray(x, s.dtype), adapters, shapes), adapter_sh)
     o = cfg.optim
     optimizer, schedule = optim.make_optimizer(
@@ -344,7 +358,7 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
     teacher_cfg, teacher, student_cfg, student = models
     teacher_cfg = teacher_cfg or student_cfg
     teacher = {} if teacher is None else teacher
-    state, optimizer, schedule = init_state(cfg, student_cfg, mesh, rules, adapters)
+    state, optimizer, schedule = init_state(cfg, student_cfg, mesh, rules, adapters, student)
 
     batch_sh = sh.batch_sharding(mesh, rules)
     loss_fn = make_loss_fn(student_cfg, teacher_cfg, cfg.loss, cfg.model.compute_dtype, float(cfg.adapter.dropout),
@@ -422,13 +436,12 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
 
 
 def export_peft(student_cfg, adapters, out_dir, cfg) -> str:
-    """The adapters as a PEFT LoRA directory (gathered to the host; written by process 0)."""
+    """The adapters as a PEFT directory (bottleneck adapters, which PEFT has no format for: fa_jax's own, see
+    `adapters.save_adapter`), gathered to the host and written by process 0."""
     from jax.experimental import multihost_utils
-
-    from fa_jax.io.peft import save_peft
 
     host = multihost_utils.process_allgather(adapters, tiled=True) if jax.process_count() > 1 else adapters
     if jax.process_index() == 0:
-        save_peft(student_cfg, jax.device_get(host), out_dir, use_rslora=bool(cfg.adapter.use_rslora),
-                  base_model_name_or_path=cfg.model.student or cfg.model.teacher, overwrite=True)
+        adapters_lib.save_adapter(student_cfg, jax.device_get(host), out_dir, use_rslora=bool(cfg.adapter.use_rslora),
+                                  base_model_name_or_path=cfg.model.student or cfg.model.teacher, overwrite=True)
     return out_dir

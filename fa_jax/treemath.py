@@ -8,7 +8,10 @@ All functions are pure: they return new trees and never modify their inputs.
 
 An adapter tree mixes two kinds of entries at base-parameter paths: dense deltas (a leaf with the base's name:
 `kernel`, `bias`, `weight`, `embedding`) and LoRA modules (`{"lora_A", "lora_B", "scale"}` at a module path,
-delta = scale * A @ B). `merge` accepts either, and any mix, per module.
+delta = scale * A @ B). `merge` accepts either, and any mix, per module. DoRA modules (LoRA plus `magnitude` [O])
+have delta = m * V / ||V||_c - W with V = W + scale * A @ B, which depends on the base kernel W: `merge` takes it
+from its base, `to_dense` and `truncate` need `base=`, and `unmerge` refuses them (the merge cannot be inverted
+from the merged weights).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import numpy as np
 
 from fa_jax import lora as lora_lib
 from fa_jax.errors import FaJaxError
-from fa_jax.tree import flatten, unflatten
+from fa_jax.tree import flatten, get_path, unflatten
 
 MATRIX_LEAF = "kernel"  # linear layers; embeddings and norms are not decomposed
 
@@ -90,7 +93,7 @@ def _factors(u, s, vt, k):
 
 
 def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_matrix: bool = True,
-             method: str = "exact", **randomized_kw):
+             method: str = "exact", base=None, **randomized_kw):
     """Per-matrix truncated SVD of an adapter tree, in LoRA form. Returns (lore, report).
 
     Give exactly one of `tau` (keep the smallest k whose explained variance sum(s[:k]**2) / sum(s**2) reaches tau,
@@ -99,7 +102,8 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
     {"lora_A": [I, k], "lora_B": [k, O], "scale": 1}; a matrix whose k is 0 is left out. Non-matrix leaves (norms,
     biases, embeddings) stay dense when `keep_non_matrix`, else are dropped. Same-shaped dense matrices are
     decomposed together (one batched SVD). All in float32 whatever the storage dtype. `method="randomized"`
-    (with `rank`) uses `randomized_svd` for very large matrices.
+    (with `rank`) uses `randomized_svd` for very large matrices. A DoRA module needs the base params (`base`):
+    its dense delta m * V / ||V||_c - W (generally full rank) is decomposed like a dense matrix.
 
     report: {"modules": {path: {"rank", "full_rank", "shape", "explained", "params", "dense_params", "spectrum"}},
              "params": total LoRA params, "dense_params": total of the dense matrices, "share": their ratio}.
@@ -119,10 +123,18 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
     out: dict = {}
     svds: dict[str, tuple] = {}
     dense_groups: dict[tuple, list[str]] = {}
+    lora_leaves = {f"{p}.{k}" for p, ad in lora_lib.iter_modules(delta) for k in ad}
     for path, ad in lora_lib.iter_modules(delta):
+        if lora_lib.is_dora(ad):  # becomes a dense kernel delta, decomposed with the dense matrices below
+            if base is None:
+                raise FaJaxError(f"truncate: {path} is a DoRA module, whose delta depends on the base weights: pass "
+                                 f"base=params (or merge it into the base and truncate the difference)")
+            d = _module_delta(path, ad, base, "truncate")
+            k = f"{path}.{MATRIX_LEAF}"
+            flat[k] = d + flat[k].astype(jnp.float32) if k in flat else d
+            continue
         u, s, vt = lowrank_svd(ad["lora_A"] * ad["scale"].astype(jnp.float32), ad["lora_B"])
         svds[path] = (u, s, vt)
-    lora_leaves = {f"{p}.{k}" for p, _ in lora_lib.iter_modules(delta) for k in ("lora_A", "lora_B", "scale")}
     for p, x in flat.items():
         if p in lora_leaves:
             continue
@@ -161,15 +173,31 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
     return unflatten(out), report
 
 
-def to_dense(adapter):
-    """Every LoRA module of an adapter tree as a dense delta (`kernel` = scale * A @ B); dense leaves unchanged."""
+def _module_delta(path: str, ad, base, caller: str):
+    """The dense [I, O] float32 delta of one LoRA (scale * A @ B) or DoRA (m * V / ||V||_c - W) module."""
+    if not lora_lib.is_dora(ad):
+        return ad["scale"].astype(jnp.float32) * (ad["lora_A"].astype(jnp.float32) @ ad["lora_B"].astype(jnp.float32))
+    if base is None:
+        raise FaJaxError(f"{caller}: {path} is a DoRA module, whose delta m * V / ||V||_c - W depends on the base "
+                         f"kernel W: pass base=params")
+    try:
+        w = jnp.asarray(get_path(base, f"{path}.{MATRIX_LEAF}"), jnp.float32)
+    except KeyError:
+        raise FaJaxError(f"{caller}: DoRA module {path} has no {path}.{MATRIX_LEAF} in the base model") from None
+    return lora_lib.materialize(w, ad) - w
+
+
+def to_dense(adapter, base=None):
+    """Every LoRA module of an adapter tree as a dense delta (`kernel` = scale * A @ B); dense leaves unchanged.
+
+    DoRA modules need the base params (`base`): their `kernel` delta is m * V / ||V||_c - W, V = W + scale * A @ B.
+    """
     flat = flatten(adapter)
     out = {}
     modules = dict(lora_lib.iter_modules(adapter))
     for path, ad in modules.items():
-        out[f"{path}.kernel"] = ad["scale"].astype(jnp.float32) * (ad["lora_A"].astype(jnp.float32)
-                                                                   @ ad["lora_B"].astype(jnp.float32))
-    skip = {f"{p}.{k}" for p in modules for k in ("lora_A", "lora_B", "scale")}
+        out[f"{path}.kernel"] = _module_delta(path, ad, base, "to_dense")
+    skip = {f"{p}.{k}" for p, ad in modules.items() for k in ad}
     for p, x in flat.items():
         if p not in skip:
             if p in out:
@@ -182,11 +210,12 @@ def to_dense(adapter):
 def merge(base, adapters):
     """`base + sum(scale_i * delta_i)` for [(adapter, scale), ...]; each adapter's deltas are added separately, so
     there are no cross terms between different adapters' A and B. Leaves keep the base's dtype (the sum is formed in
-    float32). `unmerge` is the same call with negative scales."""
+    float32). A DoRA module's delta is computed from this base: m * V / ||V||_c - W with V = W + scale * A @ B (at
+    scale 1 the merged kernel is PEFT's merged DoRA weight). `unmerge` is the same call with negative scales."""
     flat = flatten(base)
     acc: dict[str, jnp.ndarray] = {}
     for i, (adapter, scale) in enumerate(adapters):
-        for p, d in flatten(to_dense(adapter)).items():
+        for p, d in flatten(to_dense(adapter, base)).items():
             if p not in flat:
                 raise FaJaxError(f"merge: adapter {i} has {p}, which the base model does not have")
             if tuple(d.shape) != tuple(flat[p].shape):
@@ -201,7 +230,13 @@ def merge(base, adapters):
 
 
 def unmerge(merged, adapters):
-    """Undo `merge(base, adapters)` (up to rounding): the same call with negated scales."""
+    """Undo `merge(base, adapters)` (up to rounding): the same call with negated scales. Not for DoRA adapters:
+    their delta depends on the base weights, which the merged tree no longer holds."""
+    for i, (a, _) in enumerate(adapters):
+        dora = [p for p, ad in lora_lib.iter_modules(a) if lora_lib.is_dora(ad)]
+        if dora:
+            raise FaJaxError(f"unmerge: adapter {i} has DoRA modules ({dora[0]}, ...): a DoRA merge cannot be undone "
+                             "from the merged weights (its delta depends on the base); merge the base again instead")
     return merge(merged, [(a, -float(s)) for a, s in adapters])
 
 

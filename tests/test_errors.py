@@ -305,11 +305,12 @@ def test_peft_dir_missing(llama, tmp_path):
         fa_jax.load_peft(config, str(tmp_path / "nope"))
 
 
-def test_peft_use_dora_rejected(llama, peft_dir, tmp_path):
+def test_peft_use_dora_without_magnitude(llama, peft_dir, tmp_path):
     config, _ = llama
     d = copy_dir(peft_dir, tmp_path)
     edit_json(d / "adapter_config.json", use_dora=True)
-    with pytest.raises(FaJaxError, match=r"adapter_config\.json: use_dora=True: DoRA adapters are not supported"):
+    with pytest.raises(FaJaxError, match=r"module 'model\.layers\.0\.self_attn\.q_proj' has no lora_magnitude_vector, "
+                                         r"but adapter_config\.json says use_dora: true"):
         fa_jax.load_peft(config, str(d))
 
 

@@ -2,6 +2,7 @@
 
 PEFT stores, per module, `base_model.model.<module>.lora_A.weight` [R, I] and `...lora_B.weight` [O, R] (torch
 layout); fa_jax keeps A [I, R] and B [R, O]. Per-module ranks and alphas travel in `rank_pattern` / `alpha_pattern`.
+DoRA adapters (`use_dora: true`) add `...<module>.lora_magnitude_vector` [O], fa_jax's `magnitude`.
 """
 from __future__ import annotations
 
@@ -42,10 +43,24 @@ def save_peft(config, adapters, out_dir: str, *, use_rslora: bool = False, base_
 
     `use_rslora` only chooses how alpha is written (alpha = scale * sqrt(r) instead of scale * r); the math is
     the same either way. Ranks or alphas that differ between modules go to rank_pattern / alpha_pattern.
+    A DoRA tree (every module with a `magnitude`) is written with `use_dora: true`.
     """
+    if "prompt_tuning" in (adapters or {}) or "prefix_tuning" in (adapters or {}):  # io/peft_prompts.py
+        from fa_jax.io.peft_prompts import save_peft_prompt
+
+        if adapters.get("model"):
+            raise FaJaxError("save_peft: a PEFT directory holds one kind of adapter: save the prompt / prefix and "
+                             "the per-module adapters (adapters['model']) as two directories")
+        return save_peft_prompt(config, adapters, out_dir, base_model_name_or_path=base_model_name_or_path,
+                                dtype=dtype, overwrite=overwrite)
     modules = list(lora_lib.iter_modules(adapters))
     if not modules:
         raise FaJaxError("save_peft: the adapter tree holds no LoRA module (expected lora_A/lora_B/scale leaves)")
+    dora = {p for p, ad in modules if lora_lib.is_dora(ad)}
+    if dora and len(dora) != len(modules):
+        plain = next(p for p, _ in modules if p not in dora)
+        raise FaJaxError(f"save_peft: {sorted(dora)[0]} is DoRA but {plain} is plain LoRA; PEFT's use_dora holds for "
+                         "every module of an adapter (save them as two adapters)")
     known = dict(linear_modules(config))
     ranks, alphas = {}, {}
     for path, ad in modules:
@@ -56,6 +71,8 @@ def save_peft(config, adapters, out_dir: str, *, use_rslora: bool = False, base_
         if A.shape[0] != d_in or B.shape[1] != d_out or A.shape[1] != B.shape[0]:
             raise FaJaxError(f"save_peft: {path} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, "
                              f"expected [{d_in}, r] and [r, {d_out}]")
+        if path in dora and tuple(ad["magnitude"].shape) != (d_out,):
+            raise FaJaxError(f"save_peft: {path} has magnitude {list(ad['magnitude'].shape)}, expected [{d_out}]")
         ranks[path] = int(A.shape[1])
         alphas[path] = _alpha_of(float(ad["scale"]), ranks[path], use_rslora)
     r = _most_common(ranks.values())
@@ -68,7 +85,7 @@ def save_peft(config, adapters, out_dir: str, *, use_rslora: bool = False, base_
         "target_modules": target_modules,
         "rank_pattern": {p: k for p, k in ranks.items() if k != r},
         "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
-        "use_rslora": use_rslora, "use_dora": False, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": use_rslora, "use_dora": bool(dora), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "inference_mode": True, "base_model_name_or_path": base_model_name_or_path, "revision": None,
     }
@@ -80,6 +97,10 @@ def save_peft(config, adapters, out_dir: str, *, use_rslora: bool = False, base_
                         lambda A=A: np.asarray(jax.device_get(A)).T))
         entries.append((f"{PREFIX}{path}.lora_B.weight", (B.shape[1], B.shape[0]), out_dt(B),
                         lambda B=B: np.asarray(jax.device_get(B)).T))
+        if path in dora:
+            m = ad["magnitude"]
+            entries.append((f"{PREFIX}{path}.lora_magnitude_vector", tuple(m.shape), out_dt(m),
+                            lambda m=m: np.asarray(jax.device_get(m))))
     with atomic_dir(out_dir, overwrite) as tmp:
         write(os.path.join(tmp, WEIGHTS), entries, metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG), "w") as f:
@@ -110,13 +131,17 @@ def read_adapter_config(in_dir: str) -> dict:
 
 
 def load_peft(config, in_dir: str, dtype=jnp.float32):
-    """A LoRA tree from a PEFT directory (any PEFT LoRA adapter for a supported architecture)."""
+    """A LoRA tree from a PEFT directory (any PEFT LoRA adapter for a supported architecture). A DoRA adapter
+    (`use_dora: true`) gives DoRA modules, with `magnitude` [O] float32."""
     cfg = read_adapter_config(in_dir)
     f = os.path.join(in_dir, CONFIG)
+    if cfg.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):  # {"prompt_tuning"/"prefix_tuning": ...}
+        from fa_jax.io.peft_prompts import load_peft_prompt
+
+        return load_peft_prompt(config, in_dir, cfg, dtype)
     if cfg.get("peft_type") != "LORA":
         raise FaJaxError(f"{f}: peft_type {cfg.get('peft_type')!r} is not supported here (expected 'LORA')")
-    for key, ok, why in (("use_dora", False, "DoRA adapters"), ("fan_in_fan_out", False, "fan_in_fan_out layouts"),
-                         ("bias", "none", "trained biases")):
+    for key, ok, why in (("fan_in_fan_out", False, "fan_in_fan_out layouts"), ("bias", "none", "trained biases")):
         if cfg.get(key, ok) not in (ok, None):
             raise FaJaxError(f"{f}: {key}={cfg[key]!r}: {why} are not supported by load_peft")
     if cfg.get("modules_to_save"):
@@ -128,11 +153,16 @@ def load_peft(config, in_dir: str, dtype=jnp.float32):
                                                       if other else ""))
     st = SafetensorsFile(wf)
     known = dict(linear_modules(config))
+    use_dora = bool(cfg.get("use_dora", False))
     pairs: dict[str, dict[str, str]] = {}
     for name in st.keys():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight", name)
+        m = (re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight", name)
+             or re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_magnitude_vector)(?:\.[A-Za-z0-9_]+)?"
+                             r"(?:\.weight)?", name))
         if not m:
-            raise FaJaxError(f"{wf}: tensor {name!r} is not a LoRA A/B weight of a linear layer")
+            raise FaJaxError(f"{wf}: tensor {name!r} is not a LoRA A/B weight (or DoRA magnitude) of a linear layer")
+        if m.group(2) == "lora_magnitude_vector" and not use_dora:
+            raise FaJaxError(f"{wf}: tensor {name!r} is a DoRA magnitude but {CONFIG} has use_dora false")
         path, which = m.groups()
         if path not in known:
             raise FaJaxError(f"{wf}: tensor {name!r} adapts module {path!r}, which this {config.model_type} model "
@@ -142,8 +172,10 @@ def load_peft(config, in_dir: str, dtype=jnp.float32):
     flat = {}
     order = {p: i for i, (p, _) in enumerate(linear_modules(config))}
     for path in sorted(pairs, key=order.get):
-        if set(pairs[path]) != {"lora_A", "lora_B"}:
+        if not {"lora_A", "lora_B"} <= set(pairs[path]):
             raise FaJaxError(f"{wf}: module {path!r} has only {sorted(pairs[path])}, expected lora_A and lora_B")
+        if use_dora and "lora_magnitude_vector" not in pairs[path]:
+            raise FaJaxError(f"{wf}: module {path!r} has no lora_magnitude_vector, but {CONFIG} says use_dora: true")
         A, B = st.get(pairs[path]["lora_A"]), st.get(pairs[path]["lora_B"])
         d_in, d_out = known[path]
         r = A.shape[0]
@@ -154,6 +186,12 @@ def load_peft(config, in_dir: str, dtype=jnp.float32):
         flat[path] = {"lora_A": jnp.asarray(np.asarray(A, np.float32).T, dtype),
                       "lora_B": jnp.asarray(np.asarray(B, np.float32).T, dtype),
                       "scale": jnp.asarray(alpha / (math.sqrt(r) if use_rslora else r), jnp.float32)}
+        if use_dora:
+            mag = st.get(pairs[path]["lora_magnitude_vector"])
+            if tuple(mag.shape) != (d_out,):
+                raise FaJaxError(f"{wf}: module {path!r} has lora_magnitude_vector {list(mag.shape)}, "
+                                 f"expected [{d_out}]")
+            flat[path]["magnitude"] = jnp.asarray(np.asarray(mag, np.float32), jnp.float32)
     if not flat:
         raise FaJaxError(f"{wf}: holds no LoRA weights")
     return unflatten(flat)

@@ -18,8 +18,12 @@ def dense(x, p, adapter=None, dropout=None):
     """x [..., I] @ kernel [I, O] (+ bias), plus the adapter's contribution if one is given.
 
     `dropout` is a function applied to the adapter's input only (LoRA dropout); the frozen path never drops.
+    A DoRA adapter (one with a `magnitude`) rescales the bias-free output, then the bias is added (as in PEFT).
     """
     y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
+    if adapter and "magnitude" in adapter:
+        y = lora.apply_dora(x, y, p["kernel"], adapter, dropout)
+        adapter = None
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
     if adapter:
@@ -62,8 +66,11 @@ def attention_mask(segment_ids, q_positions=None, k_positions=None, window: int 
     return allowed & same
 
 
-def attention(config, p, a, x, cos, sin, mask, dropout=None):
+def attention(config, p, a, x, cos, sin, mask, dropout=None, prefix=None):
     """Grouped-query self-attention. x [B, T, D], mask [B, T, S] boolean -> [B, T, D].
+
+    `prefix`: None, or (keys [N, G, K], values [N, G, K], mask [B, T, N] or None for all visible) that every query
+    also attends to, in front of the tokens' own keys (prompt / prefix tuning, fa_jax/prompts.py).
 
     `mask` must be causal in array order (query t never sees key s > t), as `attention_mask` builds it: the
     queries are processed in blocks and block i only reads the keys up to its own end, which skips the fully
@@ -75,7 +82,10 @@ def attention(config, p, a, x, cos, sin, mask, dropout=None):
     k = dense(x, p["k_proj"], a.get("k_proj"), dropout).reshape(B, T, G, K)
     v = dense(x, p["v_proj"], a.get("v_proj"), dropout).reshape(B, T, G, K)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = causal_attention(q.reshape(B, T, G, H // G, K), k, v, mask).reshape(B, T, H * K)
+    out = causal_attention(q.reshape(B, T, G, H // G, K), k, v, mask, prefix).reshape(B, T, H * K)
+    if "adaption_prompt" in a:  # LLaMA-Adapter: gated attention over the layer's adaption prompt (llama_adapter.py)
+        from fa_jax.llama_adapter import prompt_attention
+        out = out + prompt_attention(config, p, a, q)
     return dense(out, p["o_proj"], a.get("o_proj"), dropout)
 
 
@@ -87,26 +97,45 @@ def query_blocks(T: int, min_block: int = 128, max_blocks: int = 8) -> int:
     return n
 
 
-def causal_attention(q, k, v, mask):
+def causal_attention(q, k, v, mask, prefix=None):
     """softmax(q k^T / sqrt(K) masked) v for q [B, T, G, Q, K], k and v [B, S, G, K], mask [B, T, S] causal.
 
     The Q query heads that share a key/value head are stacked along time ([B, G, Q*T, K]), so each (batch, group)
     pair is one larger matmul instead of Q small ones. Scores and softmax are float32.
+    `prefix` (see `attention`) is one more key block in front, shared by the batch and read by every query block.
     """
     B, T, G, Q, K = q.shape
     n = query_blocks(T) if k.shape[1] == T else 1
     c = T // n
     qg = jnp.moveaxis(q, 1, 3)  # [B, G, Q, T, K]
+    N = 0 if prefix is None else prefix[0].shape[0]
     outs = []
     for i in range(n):
         S = (i + 1) * c if n > 1 else k.shape[1]
         qi = qg[:, :, :, i * c:(i + 1) * c].reshape(B, G, Q * c, K)
         s = jnp.einsum("bgmk,bsgk->bgms", qi, k[:, :S], preferred_element_type=jnp.float32) * (K ** -0.5)
         s = jnp.where(mask[:, None, None, i * c:(i + 1) * c, :S], s.reshape(B, G, Q, c, S), _NEG)
-        probs = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(B, G, Q * c, S)
-        outs.append(jnp.einsum("bgms,bsgk->bgmk", probs, v[:, :S]).reshape(B, G, Q, c, K))
+        if N:
+            s = jnp.concatenate([_prefix_scores(qi, prefix, i * c, c).reshape(B, G, Q, c, N), s], axis=-1)
+        probs = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(B, G, Q * c, N + S)
+        o = jnp.einsum("bgms,bsgk->bgmk", probs[..., N:] if N else probs, v[:, :S])
+        if N:
+            o = o + jnp.einsum("bgmn,ngk->bgmk", probs[..., :N], prefix[1].astype(v.dtype))
+        outs.append(o.reshape(B, G, Q, c, K))
     out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
     return jnp.moveaxis(out, 3, 1)  # [B, T, G, Q, K]
+
+
+def _prefix_scores(qi, prefix, start: int, c: int):
+    """Float32 scores [B, G, Q*c, N] of the query block qi [B, G, Q*c, K] (queries start..start+c) over the
+    prefix keys, masked by the prefix mask where there is one."""
+    pk, _, pmask = prefix
+    B, G, M, K = qi.shape
+    s = jnp.einsum("bgmk,ngk->bgmn", qi, pk.astype(qi.dtype), preferred_element_type=jnp.float32) * (K ** -0.5)
+    if pmask is None:
+        return s
+    s = s.reshape(B, G, M // c, c, -1)
+    return jnp.where(pmask[:, None, None, start:start + c], s, _NEG).reshape(B, G, M, -1)
 
 
 def _activation(name):
@@ -174,4 +203,8 @@ def attention_with_cache(config, p, a, x, cos, sin, k_cache, v_cache, index, mas
     S = mask.shape[-1]
     out = masked_attention(q.reshape(B, T, G, H // G, K), k_cache[:, :S].astype(q.dtype),
                            v_cache[:, :S].astype(q.dtype), mask)
-    return dense(out.reshape(B, T, H * K), p["o_proj"], a.get("o_proj")), k_cache, v_cache
+    out = out.reshape(B, T, H * K)
+    if "adaption_prompt" in a:  # LLaMA-Adapter: gated attention over the layer's adaption prompt (llama_adapter.py)
+        from fa_jax.llama_adapter import prompt_attention
+        out = out + prompt_attention(config, p, a, q)
+    return dense(out, p["o_proj"], a.get("o_proj")), k_cache, v_cache

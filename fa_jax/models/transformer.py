@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fa_jax import bottleneck
 from fa_jax import config as config_lib
 from fa_jax.models import layers
 from fa_jax.tree import unflatten
@@ -95,13 +96,14 @@ def segment_positions(segment_ids):
     return idx - start
 
 
-def _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout):
+def _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout, prefix=None):
     eps, off = config.rms_norm_eps, config.norm_offset
     h = layers.rms_norm(x, lp["input_layernorm"]["weight"], eps, off)
-    x = x + layers.attention(config, lp["self_attn"], la.get("self_attn", {}), h, cos, sin,
-                             masks[config.window(i)], dropout)
+    o = layers.attention(config, lp["self_attn"], la.get("self_attn", {}), h, cos, sin, masks[config.window(i)],
+                         dropout, prefix)
+    x = x + bottleneck.apply(la.get("attn_adapter"), o)  # Houlsby adapter on the sub-layer output (if any)
     h = layers.rms_norm(x, lp["post_attention_layernorm"]["weight"], eps, off)
-    return x + layers.mlp(config, lp["mlp"], la.get("mlp", {}), h, dropout)
+    return x + bottleneck.apply(la.get("mlp_adapter"), layers.mlp(config, lp["mlp"], la.get("mlp", {}), h, dropout))
 
 
 REMAT_POLICIES = {
@@ -140,6 +142,14 @@ def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions
     x = jnp.take(emb, tokens, axis=0).astype(dtype)
     if config.embed_scale:
         x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
+    prefixes = [None] * config.num_hidden_layers
+    if "prompt_tuning" in (adapters or {}) or "prefix_tuning" in (adapters or {}):
+        from fa_jax import prompts  # virtual tokens at positions 0..N-1: a per-layer key/value prefix
+
+        pk, pv = prompts.layer_prefixes(config, params, adapters, dtype)
+        positions = jnp.asarray(positions) + pk.shape[1]
+        prefixes = [(pk[i], pv[i], prompts.prefix_mask(positions, pk.shape[1], config.window(i)))
+                    for i in range(config.num_hidden_layers)]
     cos, sin = layers.rope_tables(config_lib.rope_inv_freq(config), positions, dtype)
     masks = {w: layers.attention_mask(segment_ids, window=w)
              for w in sorted(set(config.window(i) for i in range(config.num_hidden_layers)))}
@@ -147,7 +157,7 @@ def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions
     adapters = adapters or {}
     layer_adapters = adapters.get("model", {}).get("layers", {})
     for i in range(config.num_hidden_layers):
-        fn = lambda lp, la, x, i=i: _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout)
+        fn = lambda lp, la, x, i=i: _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout, prefixes[i])
         if remat and remat != "none":
             fn = jax.checkpoint(fn, policy=remat_policy(remat))
         x = fn(params["model"]["layers"][str(i)], layer_adapters.get(str(i), {}), x)
@@ -184,6 +194,8 @@ def forward(config, params, tokens, adapters=None, *, mask=None, positions=None,
     `positions` [B, T], positions count from 0 at the first real token of each row or document.
     dtype: compute dtype (e.g. "bfloat16"); softmax, norms and logits stay float32.
     dropout_rate / rng: adapter dropout for training. remat: recompute each layer in the backward pass.
+    adapters "prompt_tuning" / "prefix_tuning" (fa_jax/prompts.py) put N virtual tokens in front of every row: the
+    logits stay those of the T real tokens, whose positions (default or given) are shifted by N.
     """
     h = hidden_states(config, params, tokens, adapters, mask=mask, positions=positions, segment_ids=segment_ids,
                       dtype=dtype, dropout_rate=dropout_rate, rng=rng, remat=remat)
@@ -278,8 +290,8 @@ def hidden_states_with_cache(config, params, tokens, cache, index, positions, va
         out, k, v = layers.attention_with_cache(config, lp["self_attn"], la.get("self_attn", {}), h, cos, sin,
                                                 c["k"], c["v"], index, masks[config.window(i)])
         new_layers[str(i)] = {"k": k, "v": v}
-        x = x + out
+        x = x + bottleneck.apply(la.get("attn_adapter"), out)  # Houlsby adapter on the sub-layer output (if any)
         h = layers.rms_norm(x, lp["post_attention_layernorm"]["weight"], eps, off)
-        x = x + layers.mlp(config, lp["mlp"], la.get("mlp", {}), h)
+        x = x + bottleneck.apply(la.get("mlp_adapter"), layers.mlp(config, lp["mlp"], la.get("mlp", {}), h))
     h = layers.rms_norm(x, params["model"]["norm"]["weight"], eps, off)
     return h, {"layers": new_layers, "positions": k_pos, "valid": k_valid}
