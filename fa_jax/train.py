@@ -201,7 +201,7 @@ def init_state(cfg, student_cfg, mesh, rules, adapters=None, student=None):
     shapes = jax.eval_shape(lambda r, p: init(r, params=p), rng, params)
     adapter_sh = sh.tree_shardings(student_cfg, shapes, mesh, rules)
     if adapters is None:
-        if kind == "dora" and student is None:
+        if kind == "dora" and student is None and not isinstance(rng, jax.core.Tracer):  # (eval_shape: fine)
             raise FaJaxError("adapter.kind='dora' needs the student's parameters to initialise")
         adapters = jax.jit(lambda r, p: init(r, params=p), out_shardings=adapter_sh)(rng, params)
     else:

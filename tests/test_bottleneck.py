@@ -153,6 +153,7 @@ def test_gradients_match_torch_autograd(hf_dirs):
             np.testing.assert_allclose(np.asarray(leaf), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.slow  # the default suite checks cached == uncached generation for every kind (tests/test_adapters.py)
 def test_cached_decoding_and_greedy_generation(hf_dirs):
     """The cached decoder (prefill + one-token steps) gives the logits of `forward`; greedy generation with the
     adapters equals transformers' greedy `generate` on the hooked model."""

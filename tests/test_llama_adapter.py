@@ -131,6 +131,7 @@ def test_fa_jax_adapter_loads_in_peft(hf_dirs, tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
+@pytest.mark.slow  # the default suite checks cached == uncached generation for every kind (tests/test_adapters.py)
 def test_generation_matches_peft_and_the_uncached_loop(hf_dirs, tmp_path):
     """Greedy tokens with the adapter (KV cache, left padding) equal PEFT's `generate` and a no-cache greedy loop
     over `forward`."""

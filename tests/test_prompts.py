@@ -184,7 +184,7 @@ def test_packed_rows_see_the_prompt_in_every_document(hf_dirs):
         np.testing.assert_allclose(packed[:, 6:10], second, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("mistral", marks=pytest.mark.slow)])  # mistral: bash scripts/test.sh -m slow
 def test_query_blocks_with_prefix_match_the_cache_path(family, hf_dirs):
     """A 256-token row runs causal attention in two query blocks; the prefix block must read the same for both.
     Reference: the cached decoder (one masked attention over prefix + tokens)."""
@@ -259,7 +259,7 @@ def _greedy_without_cache(config, params, adapters, prompt_ids, steps):
 
 
 @pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("mistral", marks=pytest.mark.slow)])  # mistral: bash scripts/test.sh -m slow
 def test_greedy_generation_matches_no_cache_loop_and_peft(family, kind, hf_dirs):
     """Left-padded batch of three prompts through the cached decoder = the no-cache loop = PEFT's
     `generate(do_sample=False)`: on the same batch for prefix tuning without sliding windows, else on each prompt
