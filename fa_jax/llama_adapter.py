@@ -155,7 +155,7 @@ def save_llama_adapter(config, adapters, out_dir: str, *, base_model_name_or_pat
 
 def load_llama_adapter(config, in_dir: str, dtype=jnp.float32):
     """A LLaMA-Adapter tree from a PEFT adaption-prompt directory (the layout of `init_llama_adapter`)."""
-    from fa_jax.io.peft import read_adapter_config
+    from fa_jax.io.peft import read_adapter_config, weights_file
     from fa_jax.io.safetensors import SafetensorsFile
 
     cfg = read_adapter_config(in_dir)
@@ -165,11 +165,7 @@ def load_llama_adapter(config, in_dir: str, dtype=jnp.float32):
                          f"'ADAPTION_PROMPT'; LoRA directories load with fa_jax.load_peft)")
     if cfg.get("target_modules", "self_attn") not in ("self_attn", None):
         raise FaJaxError(f"{f}: target_modules={cfg['target_modules']!r}: expected 'self_attn'")
-    wf = os.path.join(in_dir, WEIGHTS)
-    if not os.path.exists(wf):
-        other = [x for x in os.listdir(in_dir) if x.startswith("adapter_model")]
-        raise FaJaxError(f"{in_dir}: no {WEIGHTS}" + (f" (found {other[0]}: re-save it with safe_serialization)"
-                                                      if other else ""))
+    wf = weights_file(in_dir)
     st = SafetensorsFile(wf)
     n_layers, D = config.num_hidden_layers, config.hidden_size
     layers: dict = {}

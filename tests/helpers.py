@@ -79,3 +79,12 @@ def write_corpus(path, n_docs: int = 40, seed: int = 0, max_words: int = 60):
     with open(path, "w") as f:
         f.write("\n\n".join(paras) + "\n")
     return str(path)
+
+
+def left_padded(seed=0, B=2, T=9):
+    """Random tokens [B, T] of the tiny vocabulary and a mask with row 1 left-padded by 3."""
+    rng = np.random.RandomState(seed)
+    toks = rng.randint(3, 256, (B, T))
+    mask = np.ones((B, T), np.int32)
+    mask[1, :3] = 0
+    return toks, mask

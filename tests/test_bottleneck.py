@@ -16,7 +16,7 @@ from fa_jax import generate as gen
 from fa_jax.errors import FaJaxError
 from fa_jax.models import transformer
 from fa_jax.tree import flatten, unflatten
-from helpers import hf_logits
+from helpers import hf_logits, left_padded
 
 TOL = 1e-4
 
@@ -63,18 +63,10 @@ def _hook_model(model, adapters):
     return mods, handles
 
 
-def _left_padded(seed=0, B=2, T=9):
-    rng = np.random.RandomState(seed)
-    toks = rng.randint(3, 256, (B, T))
-    mask = np.ones((B, T), np.int32)
-    mask[1, :3] = 0  # row 1 left-padded by 3
-    return toks, mask
-
-
 def test_init_is_the_base_model(hf_dirs):
     config, params = fa_jax.load_model(hf_dirs["llama"][0])
     ad = bottleneck.init_bottleneck(config, jax.random.PRNGKey(0), size=8)
-    toks, mask = _left_padded()
+    toks, mask = left_padded()
     base = np.asarray(fa_jax.forward(config, params, toks, mask=mask))
     np.testing.assert_array_equal(np.asarray(fa_jax.forward(config, params, toks, ad, mask=mask)), base)
     # a near-identity init (tiny up projection) is close to, but not exactly, the base
@@ -107,7 +99,7 @@ def test_forward_matches_torch_hooks(family, hf_dirs):
     adapters added by forward hooks (left padding included); only the attention adapter of layer 1 also matches."""
     path, model = hf_dirs[family]
     config, params = fa_jax.load_model(path)
-    toks, mask = _left_padded(1)
+    toks, mask = left_padded(1)
     for kw in ({}, {"sites": ["attn_adapter"], "layers": [1]}):
         ad = _random_bottleneck(config, size=8, **kw)
         _, handles = _hook_model(model, ad)
@@ -129,7 +121,7 @@ def test_gradients_match_torch_autograd(hf_dirs):
     hook-based model."""
     path, model = hf_dirs["llama"]
     config, params = fa_jax.load_model(path)
-    toks, mask = _left_padded(2, T=7)
+    toks, mask = left_padded(2, T=7)
     ad = _random_bottleneck(config, seed=3, size=4)
     R = np.random.RandomState(0).randn(2, 7, config.vocab_size).astype(np.float32) * mask[:, :, None]
 
@@ -162,7 +154,7 @@ def test_cached_decoding_and_greedy_generation(hf_dirs):
     path, model = hf_dirs["mistral"]  # sliding window 5: the adapters also run beyond the window
     config, params = fa_jax.load_model(path)
     ad = _random_bottleneck(config, seed=5, size=8)
-    toks, mask = _left_padded(3, T=8)
+    toks, mask = left_padded(3, T=8)
     want = np.asarray(fa_jax.forward(config, params, toks, ad, mask=mask))
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     cache = transformer.init_cache(config, 2, 10)

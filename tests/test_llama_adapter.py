@@ -17,17 +17,9 @@ from fa_jax import config as config_lib
 from fa_jax import generate as gen
 from fa_jax.errors import FaJaxError
 from fa_jax.tree import flatten, unflatten
-from helpers import TINY, hf_logits
+from helpers import TINY, hf_logits, left_padded
 
 TOL = 1e-4
-
-
-def _left_padded(seed=0, B=2, T=9):
-    rng = np.random.RandomState(seed)
-    toks = rng.randint(3, 256, (B, T))
-    mask = np.ones((B, T), np.int32)
-    mask[1, :3] = 0  # row 1 left-padded by 3
-    return toks, mask
 
 
 def _positions(mask):
@@ -78,7 +70,7 @@ def test_init_is_the_base_model(hf_dirs):
     a = ad["model"]["layers"]["1"]["self_attn"]
     assert a["adaption_prompt"].shape == (4, config.hidden_size) and a["adaption_gate"].shape == (1,)
     assert float(a["adaption_gate"][0]) == 0 and abs(float(jnp.std(a["adaption_prompt"])) - 1) < 0.2
-    toks, mask = _left_padded()
+    toks, mask = left_padded()
     base = np.asarray(fa_jax.forward(config, params, toks, mask=mask))
     np.testing.assert_array_equal(np.asarray(fa_jax.forward(config, params, toks, ad, mask=mask)), base)
     full = llama_adapter.init_llama_adapter(config, jax.random.PRNGKey(0))
@@ -99,7 +91,7 @@ def test_peft_adapter_loads_and_matches(family, layers_, hf_dirs, tmp_path):
     (GQA: llama and mistral tiny models have 2 kv heads for 4 query heads; MHA; top 1 or 2 layers)."""
     path, base = _model_dir(hf_dirs, tmp_path, family)
     pm = _peft_model(base, adapter_len=3, adapter_layers=layers_)
-    toks, mask = _left_padded(1)
+    toks, mask = left_padded(1)
     want = hf_logits(pm, toks, mask, _positions(mask))
     pm.save_pretrained(str(tmp_path / "ap"))
     config, params = fa_jax.load_model(path)
@@ -122,7 +114,7 @@ def test_fa_jax_adapter_loads_in_peft(hf_dirs, tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     pm = peft.PeftModel.from_pretrained(base, out).eval()
     assert pm.peft_config["default"].adapter_len == 5 and pm.peft_config["default"].adapter_layers == 2
-    toks, mask = _left_padded(2)
+    toks, mask = left_padded(2)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(fa_jax.forward(config, params, toks, ad, mask=mask))[real],
                                hf_logits(pm, toks, mask, _positions(mask))[real], atol=TOL, rtol=0)
@@ -165,7 +157,7 @@ def test_gradients_match_peft_autograd(hf_dirs, tmp_path):
     pm.save_pretrained(str(tmp_path / "ap"))
     config, params = fa_jax.load_model(path)
     ad = llama_adapter.load_llama_adapter(config, str(tmp_path / "ap"))
-    toks, mask = _left_padded(4, T=7)
+    toks, mask = left_padded(4, T=7)
     R = np.random.RandomState(0).randn(2, 7, config.vocab_size).astype(np.float32) * mask[:, :, None]
     g = jax.grad(lambda a: jnp.sum(fa_jax.forward(config, params, toks, a, mask=mask) * R))(ad)
     out = pm(input_ids=torch.tensor(toks), attention_mask=torch.tensor(mask),
@@ -213,7 +205,7 @@ def test_mixed_tree(hf_dirs, tmp_path):
         assert sh[k].spec == jax.sharding.PartitionSpec()  # replicated
     placed = jax.device_put(mixed, sharding.tree_shardings(config, mixed, mesh))
     placed_params = jax.device_put(params, sharding.tree_shardings(config, params, mesh))
-    toks, mask = _left_padded(5)
+    toks, mask = left_padded(5)
     got = np.asarray(jax.jit(lambda p, a: fa_jax.forward(config, p, toks, a, mask=mask))(placed_params, placed))
 
     merged = lora.merge_into(params, mixed)

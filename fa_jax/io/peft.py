@@ -130,6 +130,16 @@ def read_adapter_config(in_dir: str) -> dict:
     return cfg
 
 
+def weights_file(in_dir: str) -> str:
+    """The adapter_model.safetensors of a PEFT directory; a clear error when it is missing or pickled."""
+    wf = os.path.join(in_dir, WEIGHTS)
+    if not os.path.exists(wf):
+        other = [n for n in os.listdir(in_dir) if n.startswith("adapter_model")]
+        raise FaJaxError(f"{in_dir}: no {WEIGHTS}" + (f" (found {other[0]}: re-save it with safe_serialization)"
+                                                      if other else ""))
+    return wf
+
+
 def load_peft(config, in_dir: str, dtype=jnp.float32):
     """A LoRA tree from a PEFT directory (any PEFT LoRA adapter for a supported architecture). A DoRA adapter
     (`use_dora: true`) gives DoRA modules, with `magnitude` [O] float32."""
@@ -146,11 +156,7 @@ def load_peft(config, in_dir: str, dtype=jnp.float32):
             raise FaJaxError(f"{f}: {key}={cfg[key]!r}: {why} are not supported by load_peft")
     if cfg.get("modules_to_save"):
         raise FaJaxError(f"{f}: modules_to_save={cfg['modules_to_save']!r}: fully trained modules are not supported")
-    wf = os.path.join(in_dir, WEIGHTS)
-    if not os.path.exists(wf):
-        other = [n for n in os.listdir(in_dir) if n.startswith("adapter_model")]
-        raise FaJaxError(f"{in_dir}: no {WEIGHTS}" + (f" (found {other[0]}: re-save it with safe_serialization)"
-                                                      if other else ""))
+    wf = weights_file(in_dir)
     st = SafetensorsFile(wf)
     known = dict(linear_modules(config))
     use_dora = bool(cfg.get("use_dora", False))

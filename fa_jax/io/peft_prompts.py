@@ -80,9 +80,9 @@ def load_peft_prompt(config, in_dir: str, cfg: dict, dtype=jnp.float32):
                          f"prompts are not supported")
     if cfg.get("num_layers") not in (None, config.num_hidden_layers):
         raise FaJaxError(f"{f}: num_layers={cfg['num_layers']}, but this model has {config.num_hidden_layers} layers")
-    wf = os.path.join(in_dir, WEIGHTS)
-    if not os.path.exists(wf):
-        raise FaJaxError(f"{in_dir}: no {WEIGHTS}")
+    from fa_jax.io.peft import weights_file  # (io.peft imports this module)
+
+    wf = weights_file(in_dir)
     st = SafetensorsFile(wf)
     if TENSOR not in st.keys():
         raise FaJaxError(f"{wf}: no {TENSOR!r} tensor (found {sorted(st.keys())})")
