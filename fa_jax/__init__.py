@@ -17,6 +17,7 @@ from fa_jax.io.peft import load_peft, save_peft
 from fa_jax.lora import init_lora, merge_into as merge_lora
 from fa_jax.models.transformer import abstract_params, forward, hidden_states, init_params, lm_logits
 from fa_jax.prompts import init_prefix_tuning, init_prompt_tuning
+from fa_jax import generate  # callable: fa_jax.generate(config, params, prompts, ...)
 from fa_jax.bottleneck import init_bottleneck
 from fa_jax.llama_adapter import init_llama_adapter
 from fa_jax.adapters import init_adapter, load_adapter_dir, save_adapter
@@ -64,4 +65,4 @@ def load_tokenizer(path: str):
 __all__ = ["ModelConfig", "FaJaxError", "load_model", "load_config", "load_tokenizer", "forward", "hidden_states",
            "lm_logits", "init_params", "abstract_params", "init_lora", "merge_lora", "save_peft", "load_peft",
            "save_hf", "init_prompt_tuning", "init_prefix_tuning", "init_bottleneck", "init_llama_adapter",
-           "init_adapter", "save_adapter", "load_adapter_dir"]
+           "init_adapter", "save_adapter", "load_adapter_dir", "generate"]

@@ -68,6 +68,42 @@ def _convert(args) -> None:
     print(f"wrote {os.path.abspath(args.out)} ({config.num_params:,} parameters, {time.time() - t0:.1f} s)")
 
 
+def _export(args) -> None:
+    """A run's adapter (its latest checkpoint) as a PEFT / fa_jax adapter directory, or merged into the student's
+    weights as a Hugging Face directory."""
+    import fa_jax
+    from fa_jax import adapters as adapters_lib
+    from fa_jax import readapt, treemath
+    from fa_jax.embedded import resolve_model_path
+    from fa_jax.models import transformer
+
+    cfg = readapt.run_config_of(args.run)
+    model = resolve_model_path(cfg.model.student or cfg.model.teacher)
+    keep = cfg.model.keep_layers
+    if args.merged or model.endswith(".gguf"):  # (a GGUF file's config is read with its weights)
+        config, params = fa_jax.load_model(model, dtype=args.dtype)
+    else:
+        config = fa_jax.load_config(model)
+        params = transformer.abstract_params(config)
+    if keep is not None:
+        config, params = transformer.select_layers(config, params, keep)
+    adapters = readapt.run_adapters(args.run, config, allow_pruned=True)
+    kind = adapters_lib.kind_of(adapters)
+    if not args.merged:
+        adapters_lib.save_adapter(config, adapters, args.out, base_model_name_or_path=model,
+                                  use_rslora=bool(cfg.adapter.use_rslora), overwrite=args.overwrite)
+        print(f"wrote {os.path.abspath(args.out)} ({kind} adapter of {args.run})")
+        return
+    if not adapters_lib.MERGEABLE[kind]:
+        raise FaJaxError(f"--merged: a {kind} adapter cannot be merged into the weights (only lora and dora can); "
+                         "export it as an adapter instead")
+    tokenizer = fa_jax.load_tokenizer(model)
+    fa_jax.save_hf(config, treemath.merge(params, [(adapters, 1.0)]), args.out, tokenizer=tokenizer,
+                   overwrite=args.overwrite)
+    print(f"wrote {os.path.abspath(args.out)} (the {config.num_hidden_layers}-layer student with the {kind} adapter "
+          "merged in)")
+
+
 def _run_training(args, kind: str) -> None:
     """`pretrain` or `sft`: resolve the config, run, and print the last metrics."""
     if args.distributed:
@@ -258,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-config", help="base model directory, when --delta is a PEFT adapter")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_truncate)
+    s = sub.add_parser("export", help="a run's latest checkpoint as an adapter directory, or merged (--merged)")
+    s.add_argument("run", help="a fa_jax pretrain or sft run directory")
+    s.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    s.add_argument("--merged", action="store_true", help="merge the adapter into the student: an HF directory")
+    s.add_argument("--dtype", default="float32", help="storage dtype of the merged weights")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_export)
     s = sub.add_parser("merge", help="partial adaptation: base + sum of scaled adapters, as an HF directory")
     s.add_argument("--base", required=True, help="the base model (HF directory)")
     s.add_argument("--adapter", action="append", required=True, metavar="DIR[:SCALE]",

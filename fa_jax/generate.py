@@ -2,6 +2,7 @@
 top-p), stopping on EOS ids, on stop strings or after `max_new_tokens`.
 
     tokens = generate_tokens(config, params, [[1, 42, 7], [1, 9]], max_new_tokens=16)
+    tokens = fa_jax.generate(config, params, [[1, 42, 7]], max_new_tokens=16)   # the same (the module is callable)
     texts = generate_text(config, params, tokenizer, ["Hello"], chat=True, temperature=0.7, top_p=0.9)
 
 How it runs: the prompts are left-padded to a common length P and the batch to a power of two, so every row's
@@ -25,6 +26,8 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import sys
+import types
 from typing import Callable, Sequence
 
 import jax
@@ -360,3 +363,22 @@ def generate_text(config, params, tokenizer, prompts: list[str], *, adapters=Non
 
 
 __all__ = ["generate_tokens", "generate_text", "sample"]
+
+
+def generate(config, params, prompts, max_new_tokens: int = 32, adapters=None, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id=None, seed: int = 0, **kw):
+    """The design's call form, `fa_jax.generate(config, params, prompts, ...)`: `generate_tokens` with top_k /
+    top_p None meaning off and `eos_id` (an id or a list) for `eos_token_ids`; other keywords pass through."""
+    return generate_tokens(config, params, prompts, adapters=adapters, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_k=0 if top_k is None else top_k,
+                           top_p=1.0 if top_p is None else top_p, eos_token_ids=eos_id, seed=seed, **kw)
+
+
+class _CallableModule(types.ModuleType):
+    """`fa_jax.generate` is this module and, called, the function `generate` above."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -216,16 +216,30 @@ def load_adapter(path: str, config):
     raise FaJaxError(f"adapter {path}: not a PEFT adapter, an RE-Adapter (fa-jax diff) or a fa_jax run directory")
 
 
-def run_adapters(run_dir: str, config):
-    """The adapters of a fa_jax pre-training run's latest orbax checkpoint (for runs not finished or exported)."""
+def run_config_of(run_dir: str):
+    """The resolved config of a fa_jax pretrain or sft run directory (its config.json)."""
+    from fa_jax import run_config, sft, train
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise FaJaxError(f"{run_dir}: not a fa_jax run directory (no config.json)")
+    raw = json.load(open(path))
+    if not isinstance(raw, dict) or "run" not in raw or "model" not in raw:
+        raise FaJaxError(f"{run_dir}: not a fa_jax run directory (its config.json is not a run config)")
+    return run_config.merge(sft.sft_defaults() if "init" in raw else train.pretrain_defaults(), raw, path)
+
+
+def run_adapters(run_dir: str, config, allow_pruned: bool = False):
+    """The adapters of a fa_jax run's latest orbax checkpoint (for runs not finished or exported). `config` is
+    the model they were trained on; a run on a pruned student (keep_layers) is refused unless `allow_pruned`
+    (then `config` must be that student's)."""
     import jax
 
-    from fa_jax import run_config, sharding, train
+    from fa_jax import sharding, train
     from fa_jax.checkpoint import Checkpointer
 
-    cfg = run_config.merge(train.pretrain_defaults(), json.load(open(os.path.join(run_dir, "config.json"))),
-                           os.path.join(run_dir, "config.json"))
-    if cfg.model.keep_layers is not None:
+    cfg = run_config_of(run_dir)
+    if cfg.model.keep_layers is not None and not allow_pruned:
         raise FaJaxError(f"adapter {run_dir}: trained on a student with keep_layers={cfg.model.keep_layers}; its "
                          "layer numbers are the student's, so it merges only into that student, not into this base")
     mesh = sharding.make_mesh([1, 1, 1])

@@ -18,8 +18,7 @@ from helpers import save_hf_model, save_tiny_tokenizer, write_corpus
 
 pytestmark = pytest.mark.usefixtures("contained_datasets_cache")
 
-SETTINGS = {
-    "lora": {},
+SETTINGS = {  # LoRA's way through training, export, generation and sft: tests/test_train, test_sft, test_generate
     "dora": {},
     "bottleneck": {"adapter.bottleneck_size": 8},
     "prompt_tuning": {"adapter.num_virtual_tokens": 4},
@@ -93,8 +92,8 @@ def test_every_kind_trains_exports_generates_and_fine_tunes(setup, tmp_path, kin
     assert got == [_greedy(s_cfg, student, p, 5, trained) for p in prompts]
 
     # downstream fine-tuning from this foundation adapter, same kind (a prefix is exported folded: plain k/v);
-    # LoRA's and prompt tuning's way through is the same as DoRA's and the prefix's (tests/test_sft.py has LoRA's)
-    if kind in ("lora", "prompt_tuning"):
+    # prompt tuning's way through is the same as the prefix's (tests/test_sft.py has LoRA's)
+    if kind == "prompt_tuning":
         return
     sft_over = {"adapter.kind": kind, "model.student": model, "data.train": sft_data, "data.seq_len": 24,
                 "data.batch_size": 8, "init": f"foundation:{tmp_path / 'pre'}", "run.steps": 1,

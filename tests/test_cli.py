@@ -63,3 +63,43 @@ def test_convert_keep_layers_loads_a_student_adapter_in_peft(hf_dirs, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--keep-layers 0,x" in err
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_export_an_unfinished_run_as_adapter_and_merged(tmp_path, capsys):
+    """`fa-jax export RUN`: the latest checkpoint of a run that stopped before its PEFT export, as a PEFT
+    directory (equal logits) and merged into the pruned student (transformers loads it with equal logits)."""
+    import jax
+    import torch
+    import transformers
+
+    from fa_jax.models import transformer
+    from helpers import hf_logits, save_hf_model, save_tiny_tokenizer, write_corpus
+
+    save_hf_model("llama3", tmp_path / "model")
+    save_tiny_tokenizer(tmp_path / "model")
+    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=30, max_words=16)
+    run = tmp_path / "run"
+    assert main(["pretrain", f"model.teacher={tmp_path / 'model'}", "model.keep_layers=[0]", f"data.train={corpus}",
+                 "data.seq_len=16", "data.batch_size=8", "adapter.kind='dora'", "adapter.rank=4", "optim.lr=0.05",
+                 "run.steps=4", "run.stop_after=2", f"run.out_dir={run}", "run.tensorboard=false",
+                 "run.async_checkpoint=false", "optim.warmup_steps=0"]) == 0
+    assert not (run / "adapter_peft").exists()  # stopped after 2 of 4 steps: no export yet
+    assert main(["export", str(run), "--out", str(tmp_path / "peft")]) == 0
+    config, params = fa_jax.load_model(str(tmp_path / "model"))
+    s_cfg, student = transformer.select_layers(config, params, [0])
+    ad = fa_jax.load_adapter_dir(s_cfg, str(tmp_path / "peft"))
+    assert "magnitude" in ad["model"]["layers"]["0"]["self_attn"]["q_proj"]
+    toks = np.random.RandomState(0).randint(3, 256, (2, 9))
+    want = np.asarray(fa_jax.forward(s_cfg, student, toks, adapters=ad))
+    assert np.abs(want - np.asarray(fa_jax.forward(s_cfg, student, toks))).max() > 1e-4  # trained: not the base
+
+    assert main(["export", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    assert hf.config.num_hidden_layers == 1
+    np.testing.assert_allclose(hf_logits(hf, toks), want, atol=1e-4, rtol=0)
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "peft")]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a fa_jax run directory" in err

@@ -401,3 +401,16 @@ def test_readme_generation_example(tiny_text):
     code = re.search(r"## Generation\n.*?```python\n(.*?)```", readme, re.S).group(1)
     code = code.replace("path/to/hf_dir", tiny_text)
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_design_call_form(hf_dirs):
+    """`fa_jax.generate(config, params, prompts, ...)` (the design's surface) is generate_tokens; the module's
+    functions stay reachable."""
+    import fa_jax.generate as gen_module
+
+    config, params = fa_jax.load_model(hf_dirs["llama3"][0])
+    prompts = [[1, 41, 29, 90], [1, 28]]
+    want = gen_module.generate_tokens(config, params, prompts, max_new_tokens=5, eos_token_ids=[])
+    assert fa_jax.generate(config, params, prompts, max_new_tokens=5, eos_id=[]) == want
+    assert fa_jax.generate(config, params, prompts, 5, top_k=None, top_p=None, eos_id=[]) == want
+    assert gen_module is fa_jax.generate

@@ -85,7 +85,8 @@ def test_init_is_the_base_model(hf_dirs):
     assert np.abs(f32 - base).max() > 1e-2 and np.abs(bf16 - f32).max() < 0.1
 
 
-@pytest.mark.parametrize("family,layers_", [("llama", 1), ("llama", 2), ("mistral", 2), ("llama_mha", 1)])
+@pytest.mark.parametrize("family,layers_", [("llama", 1), pytest.param("llama", 2, marks=pytest.mark.slow), ("mistral", 2),
+                                            pytest.param("llama_mha", 1, marks=pytest.mark.slow)])
 def test_peft_adapter_loads_and_matches(family, layers_, hf_dirs, tmp_path):
     """PEFT's adaption prompts with random prompts and gates, saved by PEFT, loaded by fa_jax: the same logits
     (GQA: llama and mistral tiny models have 2 kv heads for 4 query heads; MHA; top 1 or 2 layers)."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from fa_jax import run_config, train
 from test_train import _cfg, _losses, setup  # noqa: F401  (the module fixture)
@@ -55,6 +56,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     assert json.load(open(tmp_path / "two" / "checkpoints" / "data_state" / "step_3.process_1.json"))["rows"]
 
 
+@pytest.mark.slow  # the same two-process equality through the CLI (the default suite runs test_two_processes_equal_one)
 def test_two_processes_from_the_command_line(setup, tmp_path):
     """`fa-jax pretrain --distributed` in two processes (FA_JAX_* variables, 127.0.0.1) trains like one process."""
     root, corpus = setup

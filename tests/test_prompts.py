@@ -100,7 +100,7 @@ def _check_logits(config, params, adapters, pm, seed=0, lengths=(9, 6)):
 # Logits
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow), pytest.param("gemma", marks=pytest.mark.slow)])
 def test_prompt_tuning_matches_peft(family, hf_dirs):
     path, model = hf_dirs[family]
     config, params = fa_jax.load_model(path)
@@ -111,7 +111,7 @@ def test_prompt_tuning_matches_peft(family, hf_dirs):
     _check_logits(config, params, ours, pm, seed=1)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow), "mistral", "gemma"])
 def test_prefix_tuning_matches_peft(family, hf_dirs):
     """The plain prefix from PEFT; Mistral's sliding window (5) is shorter than the rows, so it cuts the prefix
     off for the later tokens, as in transformers."""
