@@ -33,15 +33,3 @@ def contained_datasets_cache(tmp_path_factory):
     yield
     datasets.config.HF_DATASETS_CACHE = cache
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _release_compiled_programs():
-    """Drop JAX's compiled programs after each test module: the suite compiles thousands of small programs, and
-    keeping them all made the process grow to several GB and the later modules slower."""
-    yield
-    import gc
-
-    import jax
-
-    jax.clear_caches()
-    gc.collect()

@@ -210,8 +210,9 @@ def _loss_weights(shape, seed=5):
     return np.random.RandomState(seed).randn(*shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind,projection", [("prompt_tuning", False), ("prefix_tuning", False),
-                                             ("prefix_tuning", True)])
+@pytest.mark.parametrize("kind,projection", [("prompt_tuning", False),
+                                             pytest.param("prefix_tuning", False, marks=pytest.mark.slow),
+                                             ("prefix_tuning", True)])  # the MLP variant runs the plain prefix too
 def test_gradients_match_torch(kind, projection, hf_dirs):
     """jax.grad of sum(w * logits) over the real tokens w.r.t. every prompt / prefix parameter equals torch
     autograd through PEFT."""
