@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fa_jax import run_config, treemath
+from fa_jax import lora, run_config, treemath
 from fa_jax import sharding as sh
 from fa_jax.errors import FaJaxError
 from fa_jax.io.atomic import write_text
@@ -163,22 +163,17 @@ def lore_spectrum(adapters, taus=TAUS) -> tuple[dict, dict]:
     LoRA it came from: ({"taus": {tau: {"mean_rank", "params", "share_of_lora"}}, "lora_params", ...}, report of
     `treemath.truncate` at the last tau, which holds the spectra)."""
     lora_params = sum(int(np.prod(m["lora_A"].shape)) + int(np.prod(m["lora_B"].shape))
-                      for _, m in _modules(adapters))
-    per_tau, report = {}, None
+                      for _, m in lora.iter_modules(adapters))
+    _, report = treemath.truncate(adapters, tau=float(taus[-1]))  # one SVD per matrix; every tau reads its spectrum
+    per_tau = {}
     for tau in taus:
-        _, report = treemath.truncate(adapters, tau=float(tau))
-        ranks = [m["rank"] for m in report["modules"].values()]
-        per_tau[f"{float(tau):g}"] = {"mean_rank": float(np.mean(ranks)), "min_rank": int(min(ranks)),
-                                      "max_rank": int(max(ranks)), "params": int(report["params"]),
-                                      "share_of_lora": report["params"] / lora_params}
+        ranks = {p: treemath.rank_for_tau(np.asarray(m["spectrum"]), float(tau)) for p, m in report["modules"].items()}
+        params = sum(k * sum(report["modules"][p]["shape"]) for p, k in ranks.items())
+        per_tau[f"{float(tau):g}"] = {"mean_rank": float(np.mean(list(ranks.values()))),
+                                      "min_rank": int(min(ranks.values())), "max_rank": int(max(ranks.values())),
+                                      "params": int(params), "share_of_lora": params / lora_params}
     spectra = {p: [float(v) for v in np.asarray(m["spectrum"])] for p, m in report["modules"].items()}
     return {"taus": per_tau, "lora_params": lora_params, "modules": len(spectra), "spectra": spectra}, report
-
-
-def _modules(adapters):
-    from fa_jax import lora
-
-    return lora.iter_modules(adapters)
 
 
 # ------------------------------------------------------------------------------------------------------ output
