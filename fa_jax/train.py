@@ -196,7 +196,9 @@ def init_state(cfg, student_cfg, mesh, rules, adapters=None, student=None):
     a = cfg.adapter
     kind = adapters_lib.check_kind(a.kind)
     rng = jax.random.PRNGKey(int(cfg.run.seed))
-    params = transformer.abstract_params(student_cfg, jnp.dtype(cfg.model.dtype)) if student is None else student
+    params = None  # only DoRA's init reads the base weights (abstract shapes will do under eval_shape)
+    if kind == "dora":
+        params = transformer.abstract_params(student_cfg, jnp.dtype(cfg.model.dtype)) if student is None else student
     init = functools.partial(adapters_lib.init_adapter, student_cfg, a=dict(a))
     shapes = jax.eval_shape(lambda r, p: init(r, params=p), rng, params)
     adapter_sh = sh.tree_shardings(student_cfg, shapes, mesh, rules)
