@@ -5,6 +5,17 @@ import sys
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One XLA compilation cache for the whole session, the test processes it starts included (they inherit the
+# environment): many tests build the same tiny models and steps in fresh closures, which jit's in-memory cache
+# cannot share but the persistent cache (keyed by the compiled program) can. It starts empty each session and is
+# removed at the end, so no test depends on an earlier run. FA_JAX_TEST_XLA_CACHE=0 turns it off.
+_XLA_CACHE = None
+if os.environ.get("FA_JAX_TEST_XLA_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _XLA_CACHE = tempfile.mkdtemp(prefix="fa_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
@@ -33,3 +44,10 @@ def contained_datasets_cache(tmp_path_factory):
     yield
     datasets.config.HF_DATASETS_CACHE = cache
 
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _XLA_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)

