@@ -1,4 +1,6 @@
 """Forward-pass parity with Hugging Face transformers (PyTorch) for every family, on tiny random checkpoints."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,7 +141,7 @@ def test_blocked_causal_attention_matches_numpy(T, window):
     np.testing.assert_allclose(got[real], want[real], rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "all_dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "all_dots", "mlp", "mlp_qkv"])
 def test_remat_policies_change_nothing(remat, hf_dirs):
     from fa_jax import lora
 
@@ -157,6 +159,26 @@ def test_remat_policies_change_nothing(remat, hf_dirs):
     np.testing.assert_allclose(float(got_v), float(want_v), rtol=1e-6)
     for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):  # float32 rounding of a different schedule
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-5 * float(np.abs(w).max()) + 1e-7)
+
+
+@pytest.mark.parametrize("remat,kept", [("full", ()), ("mlp", ("gate_proj", "up_proj")),
+                                        ("mlp_qkv", ("gate_proj", "up_proj", "q_proj", "k_proj", "v_proj"))])
+def test_named_remat_policies_keep_their_projections(remat, kept, hf_dirs):
+    """What the backward pass stores under each policy: the named projection outputs of every layer, no others."""
+    import contextlib
+    import io
+
+    from fa_jax import lora
+
+    config, params = fa_jax.load_model(hf_dirs["llama"][0])
+    ad = lora.init_lora(config, jax.random.PRNGKey(0), rank=4)
+    toks = jnp.arange(24).reshape(2, 12) % config.vocab_size
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda a: jnp.sum(transformer.hidden_states(config, params, toks, a, remat=remat) ** 2), ad)
+    names = re.findall(r"named '(\w+)'", out.getvalue())
+    assert sorted(names) == sorted(list(kept) * config.num_hidden_layers), out.getvalue()
 
 
 def test_unknown_remat_policy_is_a_clear_error():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from fa_jax import lora
 
@@ -78,9 +79,10 @@ def attention(config, p, a, x, cos, sin, mask, dropout=None, prefix=None):
     """
     B, T, _ = x.shape
     H, G, K = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = dense(x, p["q_proj"], a.get("q_proj"), dropout).reshape(B, T, H, K)
-    k = dense(x, p["k_proj"], a.get("k_proj"), dropout).reshape(B, T, G, K)
-    v = dense(x, p["v_proj"], a.get("v_proj"), dropout).reshape(B, T, G, K)
+    # named for the remat policies that keep projection outputs (transformer.REMAT_POLICIES)
+    q = checkpoint_name(dense(x, p["q_proj"], a.get("q_proj"), dropout), "q_proj").reshape(B, T, H, K)
+    k = checkpoint_name(dense(x, p["k_proj"], a.get("k_proj"), dropout), "k_proj").reshape(B, T, G, K)
+    v = checkpoint_name(dense(x, p["v_proj"], a.get("v_proj"), dropout), "v_proj").reshape(B, T, G, K)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = causal_attention(q.reshape(B, T, G, H // G, K), k, v, mask, prefix).reshape(B, T, H * K)
     if "adaption_prompt" in a:  # LLaMA-Adapter: gated attention over the layer's adaption prompt (llama_adapter.py)
@@ -149,8 +151,9 @@ def _activation(name):
 def mlp(config, p, a, x, dropout=None):
     """Gated MLP: down(act(gate(x)) * up(x)). SwiGLU for Llama/Mistral/Qwen2, GeGLU for Gemma."""
     act = _activation(config.hidden_act)
-    h = act(dense(x, p["gate_proj"], a.get("gate_proj"), dropout)) * dense(x, p["up_proj"], a.get("up_proj"), dropout)
-    return dense(h, p["down_proj"], a.get("down_proj"), dropout)
+    gate = checkpoint_name(dense(x, p["gate_proj"], a.get("gate_proj"), dropout), "gate_proj")
+    up = checkpoint_name(dense(x, p["up_proj"], a.get("up_proj"), dropout), "up_proj")
+    return dense(act(gate) * up, p["down_proj"], a.get("down_proj"), dropout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
