@@ -40,7 +40,8 @@ def pretrain_defaults() -> dict:
             "dtype": "float32",  # storage dtype of both models' frozen weights
             "compute_dtype": None,  # e.g. "bfloat16"; None = the storage dtype
             # recompute the student's layers in the backward pass: None/"none" (keep all activations), "full" (recompute
-            # everything: least memory), "dots" (keep the projections' outputs), "all_dots" (keep every matmul's)
+            # everything: least memory), "dots" (keep the projections' outputs), "all_dots" (keep every matmul's),
+            # "mlp" (keep gate/up projections), "mlp_qkv" (and q/k/v); see transformer.REMAT_POLICIES
             "remat": None,
         },
         "adapter": adapters_lib.adapter_defaults(),  # kind: lora | dora | bottleneck | prompt_tuning | ...
