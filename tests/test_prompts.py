@@ -259,14 +259,34 @@ def _greedy_without_cache(config, params, adapters, prompt_ids, steps):
     return [row[len(p):] for row, p in zip(out, prompt_ids)]
 
 
+def _peft_greedy_without_cache(pm, prompt, steps, eos):
+    """PEFT's model, greedy, the whole sequence through its forward at every step (no cache, one unpadded prompt):
+    the reference that does not depend on how transformers' `generate` and PEFT hand the prefix to each other."""
+    ids = list(prompt)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                logits = pm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+                ids.append(int(logits[0, -1].argmax()))
+    finally:
+        torch.set_num_threads(threads)
+    return _cut(ids[len(prompt):], eos)
+
+
 @pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
 @pytest.mark.parametrize("family", ["llama", pytest.param("mistral", marks=pytest.mark.slow)])  # mistral: bash scripts/test.sh -m slow
 def test_greedy_generation_matches_no_cache_loop_and_peft(family, kind, hf_dirs):
-    """Left-padded batch of three prompts through the cached decoder = the no-cache loop = PEFT's
-    `generate(do_sample=False)`: on the same batch for prefix tuning without sliding windows, else on each prompt
-    alone (PEFT's prompt tuning generation ignores position ids and numbers the left padding; transformers' sliding
-    window counts cache slots, so padding between the prefix and the prompt pushes the prefix out of the window,
-    where fa_jax measures the window in positions, as for an unpadded prompt)."""
+    """Left-padded batch of three prompts through the cached decoder = the no-cache loop = PEFT's forward, greedy,
+    on each prompt alone.
+
+    PEFT's `generate(do_sample=False)` is compared too where it agrees with PEFT's own forward: on the same batch for
+    prefix tuning without sliding windows, else on each prompt alone (PEFT's prompt tuning generation ignores
+    position ids and numbers the left padding; transformers' sliding window counts cache slots, so padding between
+    the prefix and the prompt pushes the prefix out of the window, where fa_jax measures the window in positions, as
+    for an unpadded prompt). Where it does not (transformers 5.24.0 with peft 0.21.2: prompt-learning `generate`
+    departs from the model's own forward after a few tokens, or from the first), the test says so in a warning."""
     path, model = hf_dirs[family]
     config, params = fa_jax.load_model(path)
     pm = _peft(model, kind, seed=7)
@@ -277,11 +297,20 @@ def test_greedy_generation_matches_no_cache_loop_and_peft(family, kind, hf_dirs)
     if family == "llama":  # (in 2 layers of window 5, the prefix reaches only the first few positions)
         assert got != gen.generate_tokens(config, params, prompt_ids, max_new_tokens=steps, eos_token_ids=[])
     eos = {config.eos_token_id} if isinstance(config.eos_token_id, int) else set(config.eos_token_id or ())
+    want = [_peft_greedy_without_cache(pm, p, steps, eos) for p in prompt_ids]
+    assert [_cut(g, eos) for g in got] == want
+
     if kind == "prefix_tuning" and not config.sliding_windows:
-        assert hf_generate(pm, prompt_ids, steps) == [_cut(g, eos) for g in got]
+        peft_generate = hf_generate(pm, prompt_ids, steps)
     else:
-        for p, g in zip(prompt_ids, got):
-            assert hf_generate(pm, [p], steps) == [_cut(g, eos)]
+        peft_generate = [hf_generate(pm, [p], steps)[0] for p in prompt_ids]
+    if peft_generate != want:
+        import warnings
+
+        import transformers
+
+        warnings.warn(f"PEFT {peft.__version__} generate with transformers {transformers.__version__} disagrees with "
+                      f"PEFT's own forward pass on {kind} ({peft_generate} vs {want}); compared with the forward only")
 
 
 # ---------------------------------------------------------------------------------------------------------------
