@@ -45,7 +45,6 @@ def contained_datasets_cache(tmp_path_factory):
     datasets.config.HF_DATASETS_CACHE = cache
 
 
-
 def pytest_sessionfinish(session, exitstatus):
     if _XLA_CACHE is not None:
         import shutil

@@ -3,6 +3,7 @@
 merged, sampling filters and seeds, EOS / stop strings / context limits, compilation counts, bad arguments."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -38,20 +39,26 @@ def _cut(tokens, eos):
     return list(tokens)
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread inside: with the cores busy elsewhere, its thread pool makes small steps 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def hf_generate(model, prompts, max_new_tokens, eos=None, pad_id=0):
     """transformers' greedy `generate` on the left-padded batch: new tokens per prompt, cut before the first EOS."""
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts])
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
     kw = {} if eos is None else {"eos_token_id": list(eos)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # with the cores busy elsewhere, torch's thread pool makes small steps 100x slower
-    try:
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad_id, **kw)
-    finally:
-        torch.set_num_threads(threads)
+    with one_torch_thread(), torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad_id, **kw)
     if eos is None:
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

@@ -6,8 +6,9 @@ The notebook is executed with nbclient in a fresh kernel of this interpreter: ke
 ipykernel installs into the venv (share/jupyter/kernels/python3, argv "python -m ipykernel_launcher"), and
 jupyter_client replaces a bare "python" there by sys.executable, so the kernel is the venv's python; a cell put
 in front of the notebook's (in the in-memory copy only) checks that. The kernel inherits the environment set here:
-the notebook's parameters (FA_JAX_QUICKSTART_*, the teacher included), the text (FA_JAX_TEXT) and XLA_FLAGS="" (one CPU device rather
-than the suite's 8 simulated ones). The repository's notebook file is only read; outputs go to tmp_path.
+the notebook's parameters (FA_JAX_QUICKSTART_*, the teacher included), the text (FA_JAX_TEXT) and XLA_FLAGS=""
+(one CPU device rather than the suite's 8 simulated ones). The repository's notebook file is only read; outputs go
+to tmp_path.
 """
 import importlib.util
 import os

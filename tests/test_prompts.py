@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -11,13 +12,14 @@ import numpy as np
 import peft
 import pytest
 import torch
+import transformers
 
 import fa_jax
 from fa_jax import generate as gen
 from fa_jax import prompts
 from fa_jax.errors import FaJaxError
 from fa_jax.models import transformer
-from test_generate import _cut, _prompts, hf_generate
+from test_generate import _cut, _prompts, hf_generate, one_torch_thread
 
 TOL = 1e-4
 N = 5  # virtual tokens
@@ -263,15 +265,10 @@ def _peft_greedy_without_cache(pm, prompt, steps, eos):
     """PEFT's model, greedy, the whole sequence through its forward at every step (no cache, one unpadded prompt):
     the reference that does not depend on how transformers' `generate` and PEFT hand the prefix to each other."""
     ids = list(prompt)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            for _ in range(steps):
-                logits = pm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
-                ids.append(int(logits[0, -1].argmax()))
-    finally:
-        torch.set_num_threads(threads)
+    with one_torch_thread(), torch.no_grad():
+        for _ in range(steps):
+            mask = torch.ones(1, len(ids), dtype=torch.long)
+            ids.append(int(pm(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0, -1].argmax()))
     return _cut(ids[len(prompt):], eos)
 
 
@@ -305,10 +302,6 @@ def test_greedy_generation_matches_no_cache_loop_and_peft(family, kind, hf_dirs)
     else:
         peft_generate = [hf_generate(pm, [p], steps)[0] for p in prompt_ids]
     if peft_generate != want:
-        import warnings
-
-        import transformers
-
         warnings.warn(f"PEFT {peft.__version__} generate with transformers {transformers.__version__} disagrees with "
                       f"PEFT's own forward pass on {kind} ({peft_generate} vs {want}); compared with the forward only")
 
