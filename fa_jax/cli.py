@@ -8,6 +8,7 @@
     fa-jax diff --base DIR --tuned DIR --out DIR    # RE-Adapter = tuned - base
     fa-jax truncate --delta DIR (--tau 0.5 | --rank 64) --out DIR   # LoRE-Adapter (PEFT LoRA directory)
     fa-jax merge --base DIR --adapter DIR[:SCALE] ... --out DIR   # partial adaptation -> HF directory
+    fa-jax compile --config FILE --topology v5e-8 [key=value ...]  # per-chip HBM, collectives, roofline on a TPU
 
 User mistakes are reported as one line on stderr with exit status 2; no traceback.
 """
@@ -232,6 +233,22 @@ def _merge(args) -> None:
     print(f"wrote {os.path.abspath(args.out)} = base + " + " + ".join(f"{s:g} * {p}" for p, s in adapters))
 
 
+def _compile(args) -> None:
+    """Ahead-of-time compilation of a pretrain / sft config for a TPU topology (fa_jax.aot)."""
+    from fa_jax import aot
+
+    t0 = time.time()
+    report = aot.compile_report(args.config, args.topology, overrides=args.overrides, slices=args.slices,
+                                program=args.program, kind=args.kind, batch=args.batch, prompt_len=args.prompt_len,
+                                cache_len=args.cache_len, progress=lambda m: print(m + " ...", flush=True))
+    print(aot.format_report(report))
+    if args.json:
+        aot.write_json(report, args.json)
+        print(f"wrote {os.path.abspath(args.json)}")
+    print(f"({time.time() - t0:.0f} s in all)")
+    aot.check_fits(report)
+
+
 def _add_run_args(s) -> None:
     s.add_argument("--config", help="Python config file defining get_config() (see configs/)")
     s.add_argument("--distributed", action="store_true",
@@ -301,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", help="storage dtype of the merged weights")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_export)
+    s = sub.add_parser("compile", help="compile a config for a TPU topology: per-chip HBM, FLOPs, collectives, "
+                       "roofline estimate (no TPU needed; pip install -e .[tpu])")
+    s.add_argument("--config", help="a pretrain or sft config file (see configs/)")
+    s.add_argument("--topology", required=True, help="v5e-8, v6e-8, v4-8, v5p-8, v5e-256, ... or v5e:2x4")
+    s.add_argument("--slices", type=int, default=1, help="that many slices joined by the data-center network")
+    s.add_argument("--program", choices=("train", "generate"), default="train",
+                   help="the training step (default) or generation (prefill + one decode step)")
+    s.add_argument("--kind", choices=("pretrain", "sft"), help="default: sft when the config has an init key")
+    s.add_argument("--batch", type=int, default=8, help="--program generate: rows")
+    s.add_argument("--prompt-len", type=int, default=1024, help="--program generate: prompt tokens per row")
+    s.add_argument("--cache-len", type=int, default=2048, help="--program generate: cache slots per row")
+    s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.batch_size=32")
+    s.set_defaults(fn=_compile)
     s = sub.add_parser("merge", help="partial adaptation: base + sum of scaled adapters, as an HF directory")
     s.add_argument("--base", required=True, help="the base model (HF directory)")
     s.add_argument("--adapter", action="append", required=True, metavar="DIR[:SCALE]",

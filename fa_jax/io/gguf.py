@@ -246,6 +246,13 @@ def _config_dict(path: str, meta: _Metadata, tensors: dict) -> dict:
     return d
 
 
+def gguf_config(path: str):
+    """The model config of a GGUF file, from its metadata and tensor shapes only (no tensor is read)."""
+    reader = _open(path)
+    return config_lib.from_hf_dict(_config_dict(path, _Metadata(path, reader), {t.name: t for t in reader.tensors}),
+                                   where=path)
+
+
 def load_gguf(path: str, dtype="float32", sharding=None):
     """(config, params) from a llama.cpp GGUF file; see `fa_jax.load_model`.
 

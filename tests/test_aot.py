@@ -1,0 +1,235 @@
+"""fa_jax.aot / fa_jax.hlo_stats / `fa-jax compile`: ahead-of-time compilation for TPU topologies on this CPU machine.
+
+The compiles use a 1-layer model whose matrices tile TPU layouts exactly (dimensions multiples of 128 after
+sharding), so per-chip argument bytes can be computed by hand. Compiling for a TPU needs the libtpu wheel (the
+[tpu] extra that scripts/test.sh installs); without it these tests are skipped, except the parsers and the
+missing-libtpu error.
+"""
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fa_jax import aot, hlo_stats
+from fa_jax.cli import main
+from fa_jax.errors import FaJaxError
+from fa_jax.models import transformer
+
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e .[tpu])")
+
+# Llama-shaped, tied embeddings; every sharded dimension is a multiple of 128 x 4 so no TPU tile is padded.
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1024, "hidden_size": 512,
+        "intermediate_size": 1024, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 128, "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": True,
+        "max_position_embeddings": 2048, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_tpu_model")
+    with open(d / "config.json", "w") as f:
+        json.dump(TINY, f)
+    return str(d)
+
+
+def run_cfg(model, **kw):
+    cfg = {"model": {"teacher": model, "dtype": "float32"}, "loss": {"alpha": 0.0},
+           "adapter": {"rank": 8, "alpha": 16.0}, "data": {"train": "unused", "seq_len": 128, "batch_size": 8},
+           "mesh": {"shape": [1, -1, 1]}}
+    for k, v in kw.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def fsdp_reports(tiny_dir):
+    """The CE-only training step of the tiny model, FSDP over all chips of v5e:2x2 and v5e:2x4."""
+    if not HAVE_LIBTPU:
+        pytest.skip("libtpu is not installed")
+    return {n: aot.compile_report(run_cfg(tiny_dir), topo) for n, topo in ((4, "v5e:2x2"), (8, "v5e:2x4"))}
+
+
+def hand_param_bytes(n_chips: int) -> int:
+    """Per-chip bytes of the tiny model's float32 weights with every matrix split n ways along its model axis
+    (the "embed" rule -> fsdp) and the norm vectors whole on each chip."""
+    D, F, V, HK, GK = 512, 1024, 1024, 4 * 128, 2 * 128
+    matrices = V * D + D * HK + 2 * D * GK + HK * D + 3 * D * F  # embedding (tied head), q, k, v, o, gate/up/down
+    norms = 3 * D  # input, post-attention, final
+    return 4 * (matrices // n_chips + norms)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("n_chips", [4, 8])
+def test_argument_bytes_follow_the_fsdp_sharding(fsdp_reports, n_chips):
+    rep = fsdp_reports[n_chips]
+    assert rep["chips"] == n_chips and rep["mesh"] == {"data": 1, "fsdp": n_chips, "tensor": 1}
+    prog = rep["programs"][0]
+    pc = prog["per_chip"]
+    assert pc["arguments"]["student"] == hand_param_bytes(n_chips)
+    assert pc["arguments"]["teacher"] == 0  # alpha = 0: no teacher in the step
+    # XLA's own count of the arguments: the parts above plus the step counter and the key (a few bytes, padded)
+    parts = sum(pc["arguments"].values())
+    assert parts <= pc["argument_bytes"] <= parts + 64 * 1024
+    assert pc["total_bytes"] == (pc["argument_bytes"] + pc["output_bytes"] - pc["alias_bytes"] + pc["temp_bytes"]
+                                 + pc["generated_code_bytes"])
+    assert pc["fits"] and pc["budget_bytes"] == int(0.95 * 16 * 2 ** 30)
+    # the adapter's state is donated: its outputs reuse the inputs' memory
+    assert pc["alias_bytes"] >= pc["arguments"]["adapters"] + pc["arguments"]["optimizer state"]
+    # FSDP gathers the weights: all-gathers are there, and a gradient reduction
+    assert prog["collectives"]["all-gather"]["count"] > 0
+    assert prog["flops"]["xla_per_chip"] > 0 and prog["estimate"]["step_s"] > 0
+
+
+@needs_libtpu
+def test_twice_the_chips_halve_the_sharded_weights(fsdp_reports, tiny_dir):
+    four, eight = (fsdp_reports[n]["programs"][0]["per_chip"]["arguments"]["student"] for n in (4, 8))
+    norms = 4 * 3 * 512
+    assert (four - norms) == 2 * (eight - norms)
+    # model FLOPs per chip: 4 N per token (frozen forward + backward to the activations), over the chips
+    n = transformer.count_params(aot.model_config(tiny_dir)[0])
+    assert fsdp_reports[8]["programs"][0]["flops"]["model_per_chip"] == pytest.approx(4.0 * n * 8 * 128 / 8)
+
+
+# ------------------------------------------------------------------------------------- the HLO parsers by hand
+
+
+HLO = """
+HloModule m
+%fused (p: f32[4]) -> f32[4] {
+  ROOT %x = f32[4]{0} parameter(0)
+}
+ENTRY %main (a: bf16[8,128]) -> f32[] {
+  %a = bf16[8,128]{1,0} parameter(0)
+  %ag = bf16[32,128]{1,0:T(8,128)(2,1)} all-gather(%a), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  %ags = (bf16[8,128]{1,0}, bf16[64,128]{1,0}) all-gather-start(%a), channel_id=2, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %agd = bf16[64,128]{1,0} all-gather-done(%ags)
+  %ar = f32[1024]{0} all-reduce(%b), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
+  %ars = (f32[256]{0}, f32[256]{0}) all-reduce-start(%c, %d), channel_id=4, replica_groups={{0,1},{2,3}}, to_apply=%add
+  %ard = (f32[256]{0}, f32[256]{0}) all-reduce-done(%ars)
+  %rs = f32[128]{0} reduce-scatter(%e), channel_id=5, replica_groups=[1,8]<=[8], dimensions={0}, to_apply=%add
+  %cp = (s32[16]{0}, s32[16]{0}, u32[], u32[]) collective-permute-start(%f), channel_id=6, source_target_pairs={{0,1},{1,0}}
+  %cpd = s32[16]{0} collective-permute-done(%cp)
+  %a2a = f32[64,8]{1,0} all-to-all(%g), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_collectives_counted_and_sized_by_hand():
+    c = hlo_stats.collectives(HLO)
+    assert c["all-gather"]["count"] == 2 and c["all-gather"]["bytes"] == 32 * 128 * 2 + 64 * 128 * 2
+    # ring traffic: (n-1)/n of the gathered array; groups of 4 (iota [2,4]) and 8 (explicit)
+    assert c["all-gather"]["traffic_bytes"] == pytest.approx(3 / 4 * 32 * 128 * 2 + 7 / 8 * 64 * 128 * 2)
+    assert c["all-reduce"]["count"] == 2 and c["all-reduce"]["bytes"] == 1024 * 4 + 2 * 256 * 4
+    # mesh-form groups: axis_1 -> 4 devices; explicit pairs -> 2
+    assert c["all-reduce"]["traffic_bytes"] == pytest.approx(2 * 3 / 4 * 4096 + 2 * 1 / 2 * 2048)
+    assert c["reduce-scatter"] == {"count": 1, "bytes": 512, "traffic_bytes": pytest.approx(7 * 512)}
+    assert c["collective-permute"] == {"count": 1, "bytes": 64, "traffic_bytes": 64.0}
+    assert c["all-to-all"]["count"] == 1 and c["all-to-all"]["bytes"] == 64 * 8 * 4
+    largest = hlo_stats.largest_arrays(HLO, 2)
+    assert [a["shape"] for a in largest] == ["bf16[64,128]", "bf16[32,128]"]
+
+
+def test_roofline_by_hand():
+    chip = aot.CHIPS["v5e"]
+    # one second of compute at peak, half a second of HBM traffic, a quarter of ICI: compute-bound, 1 s
+    r = aot.roofline(chip, 197e12, 819e9 / 2, 400e9 / 4, 0.0)
+    assert r["compute_s"] == pytest.approx(1.0) and r["hbm_s"] == pytest.approx(0.5)
+    assert r["ici_s"] == pytest.approx(0.25) and r["step_s"] == pytest.approx(1.0) and r["bound_by"] == "compute"
+    r = aot.roofline(chip, 1e12, 819e9 * 2, 0.0, 0.0)
+    assert r["bound_by"] == "hbm" and r["step_s"] == pytest.approx(2.0)
+    # DCN between slices: 2 x 100 Gbps per host of 8 chips = 3.125 GB/s per chip
+    r = aot.roofline(chip, 0.0, 0.0, 0.0, 3.125e9)
+    assert r["bound_by"] == "dcn" and r["step_s"] == pytest.approx(1.0)
+
+
+def test_topology_names():
+    assert aot.parse_topology("v5e-8").shape == "2x4" and aot.parse_topology("v5e-8").chips == 8
+    assert aot.parse_topology("v6e-256").shape == "16x16"
+    # v4 and v5p names count TensorCores, two per chip
+    assert aot.parse_topology("v4-8").shape == "2x2x1" and aot.parse_topology("v5p-8").chips == 4
+    assert aot.parse_topology("v5e:2x2").chips == 4 and aot.parse_topology("v5litepod-16").shape == "4x4"
+    two = aot.parse_topology("v5e-256", slices=2)
+    assert two.chips == 512 and two.name == "v5e-256 x 2 slices"
+    assert aot.parse_bytes("12GiB", "x") == 12 * 2 ** 30 and aot.parse_bytes(1e9, "x") == 1e9
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("v9z-8", "unknown TPU generation 'v9z'"),
+    ("v5e-6", "no v5e slice of that size"),
+    ("v5p-7", "no v5p slice of that size"),
+    ("tpu8", "expected a slice name such as v5e-8"),
+    ("v5e:2x2x2", "v5e slices are 2-D"),
+])
+def test_unknown_topologies_are_one_line_errors(spec, message):
+    with pytest.raises(FaJaxError, match=message) as e:
+        aot.parse_topology(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_libtpu_names_the_install_command(monkeypatch, tiny_dir):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(FaJaxError, match=r'needs the libtpu wheel.*pip install "libtpu==') as e:
+        aot.compile_report(run_cfg(tiny_dir), "v5e-8")
+    assert "\n" not in str(e.value)
+
+
+def test_model_shapes_without_checkpoints():
+    """The shipped seed config names /path/to/...: its shapes come from configs/models, and the note says so."""
+    cfg, note = aot.model_config("/path/to/Llama-3.1-8B-Instruct")
+    assert cfg.num_hidden_layers == 32 and cfg.hidden_size == 4096 and "configs/models/llama-3.1-8b-instruct" in note
+    with pytest.raises(FaJaxError, match="configs/models/ has no no-such-model.json"):
+        aot.model_config("/nowhere/no-such-model")
+
+
+@needs_libtpu
+def test_mesh_that_does_not_divide_the_chips(tiny_dir):
+    with pytest.raises(FaJaxError, match="8 devices are not divisible by 3"):
+        aot.compile_report(run_cfg(tiny_dir, mesh={"shape": [-1, 3, 1]}), "v5e-8")
+    with pytest.raises(FaJaxError, match=r"mesh shape \[2, 2, 1\] uses 4 of the 8 chips"):
+        aot.compile_report(run_cfg(tiny_dir, mesh={"shape": [2, 2, 1]}), "v5e-8")
+
+
+@needs_libtpu
+def test_cli_report_json_and_the_does_not_fit_error(tiny_dir, tmp_path, capsys):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("def get_config():\n    return " + repr(run_cfg(tiny_dir)) + "\n")
+    out = tmp_path / "report.json"
+    # a budget below what the step needs: the report is printed and written, then a one-line error
+    rc = main(["compile", "--config", str(cfg), "--topology", "v5e:2x2", "--json", str(out),
+               "run.memory_budget=1MiB"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "does not fit by" in captured.out and "estimate (roofline, not a measurement)" in captured.out
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and "does not fit v5e-4" in err and "biggest: " in err and "student" in err
+    rep = json.loads(out.read_text())
+    pc = rep["programs"][0]["per_chip"]
+    for key in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "total_bytes"):
+        assert isinstance(pc[key], int)
+    assert pc["fits"] is False and pc["budget_bytes"] == 2 ** 20
+    assert set(rep["programs"][0]["collectives"]) == set(hlo_stats.COLLECTIVES)
+
+
+@needs_libtpu
+def test_generation_prefill_and_decode(tiny_dir):
+    rep = aot.compile_report(run_cfg(tiny_dir, mesh={"shape": [-1, 1, 1]}), "v5e:2x2", program="generate",
+                             batch=8, prompt_len=128, cache_len=256)
+    pre, dec = rep["programs"]
+    assert pre["program"] == "generate: prefill" and dec["program"] == "generate: one decode step"
+    # the decode step holds the KV cache: 1 layer x (k, v) x [8 rows / 4 chips, 256 slots, 2 heads, 128] float32,
+    # plus slot positions (int32) and validity (bool) per row
+    kv = 2 * (8 // 4) * 256 * 2 * 128 * 4 + (8 // 4) * 256 * (4 + 1)
+    assert dec["per_chip"]["arguments"]["kv cache"] == kv
+    assert dec["per_chip"]["alias_bytes"] >= 2 * (8 // 4) * 256 * 2 * 128 * 4  # the cache is donated
+    n = transformer.count_params(aot.model_config(tiny_dir)[0])
+    assert pre["flops"]["model_per_chip"] == pytest.approx(2.0 * n * 8 * 128 / 4)
+    assert dec["flops"]["model_per_chip"] == pytest.approx(2.0 * n * 8 / 4)
