@@ -6,15 +6,22 @@ The notebook is executed with nbclient in a fresh kernel of this interpreter: ke
 ipykernel installs into the venv (share/jupyter/kernels/python3, argv "python -m ipykernel_launcher"), and
 jupyter_client replaces a bare "python" there by sys.executable, so the kernel is the venv's python; a cell put
 in front of the notebook's (in the in-memory copy only) checks that. The kernel inherits the environment set here:
-the notebook's parameters (FA_JAX_QUICKSTART_*, the teacher included), the text (FA_JAX_TEXT) and XLA_FLAGS=""
-(one CPU device rather than the suite's 8 simulated ones). The repository's notebook file is only read; outputs go
-to tmp_path.
+the notebook's parameters (FA_JAX_QUICKSTART_*, the teacher included), the text (FA_JAX_TEXT) and XLA_FLAGS. The
+tiny run has 8 simulated CPU devices, like a Kaggle TPU v3-8's 8 cores, and asks for a batch of 4, which the
+notebook must round up to 8 (the batch is split across the devices); the embedded run has one device and a batch of
+2. The repository's notebook file is only read; outputs go to tmp_path.
+
+The install cell's helpers (which jax packages are installed, the constraints file that pins them) are tested on
+their own with a fake package metadata: they are taken out of the cell's source by name, the rest of the cell (pip)
+is not run.
 """
+import ast
 import importlib.util
 import os
 import re
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +54,50 @@ def _text_of(cell):
     return "".join(out)
 
 
-@pytest.mark.parametrize("teacher", ["tiny", pytest.param("embedded", marks=pytest.mark.slow)])
-def test_quickstart_notebook_runs(teacher, tmp_path, monkeypatch):
+def _install_helpers():
+    """The functions (and imports) of the notebook's install cell, executed without the rest of the cell."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "def pin_constraints" in c.source)
+    tree = ast.parse(cell.source)
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))
+            or (isinstance(n, ast.Assign) and "JAX_PACKAGES" in [getattr(t, "id", None) for t in n.targets])]
+    namespace = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "quickstart install cell", "exec"), namespace)
+    return namespace
+
+
+def test_install_cell_pins_the_installed_jax():
+    ns = _install_helpers()
+    missing = ns["metadata"].PackageNotFoundError
+
+    def fake(installed):
+        def version(name):
+            if name not in installed:
+                raise missing(name)
+            return installed[name]
+        return version
+
+    runtimes = {  # what Colab / Kaggle runtimes come with (versions made up), and the backend the cell reports
+        "TPU": {"jax": "0.7.2", "jaxlib": "0.7.2", "libtpu": "0.0.23.1"},
+        "GPU (CUDA)": {"jax": "0.7.2", "jaxlib": "0.7.2", "jax-cuda12-plugin": "0.7.2", "jax-cuda12-pjrt": "0.7.2"},
+        "CPU": {"jax": "0.5.3", "jaxlib": "0.5.3"},
+    }
+    for backend, installed in runtimes.items():
+        kept = ns["installed_versions"](ns["JAX_PACKAGES"], version=fake({**installed, "numpy": "2.0.0"}))
+        assert kept == installed
+        assert ns["jax_backend"](kept) == backend
+        lines = ns["pin_constraints"](kept).splitlines()
+        assert sorted(lines) == sorted(f"{n}=={v}" for n, v in installed.items())
+    assert ns["jax_backend"]({"jax": "0.4.26", "jaxlib": "0.4.26+cuda12.cudnn89"}) == "GPU (CUDA)"  # old-style wheel
+    assert ns["installed_versions"](ns["JAX_PACKAGES"], version=fake({})) == {}
+    # The real metadata of this venv: its jax is found, at the version jax reports.
+    assert ns["installed_versions"](("jax",))["jax"] == jax.__version__
+
+
+@pytest.mark.parametrize("teacher,devices,batch", [("tiny", 8, 4),
+                                                   pytest.param("embedded", 1, 2, marks=pytest.mark.slow)])
+def test_quickstart_notebook_runs(teacher, devices, batch, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
@@ -69,10 +118,10 @@ def test_quickstart_notebook_runs(teacher, tmp_path, monkeypatch):
     text.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
     out_dir = tmp_path / "quickstart"
     for name, value in {"FA_JAX_QUICKSTART_STEPS": "2", "FA_JAX_QUICKSTART_SEQ_LEN": "64",
-                        "FA_JAX_QUICKSTART_BATCH": "2", "FA_JAX_QUICKSTART_EVAL_ROWS": "2",
+                        "FA_JAX_QUICKSTART_BATCH": str(batch), "FA_JAX_QUICKSTART_EVAL_ROWS": "2",
                         "FA_JAX_QUICKSTART_OUT_DIR": str(out_dir), "FA_JAX_QUICKSTART_TEACHER": teacher,
                         "FA_JAX_TEXT": str(text),
-                        "XLA_FLAGS": "",  # one CPU device: the batch of 2 need not divide the suite's 8
+                        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
                         "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cache"),
                         "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}.items():
         monkeypatch.setenv(name, value)
@@ -99,6 +148,10 @@ def test_quickstart_notebook_runs(teacher, tmp_path, monkeypatch):
     out = "\n".join(_text_of(c) for c in code)
     assert "held-out ppl" in out and f"teacher: {2 if 'tiny' in teacher else 30} layers" in out
     assert "PEFT round trip OK" in out
+    assert f"JAX {jax.__version__} on {devices} x cpu" in out, out
+    rows = int(re.search(r"\d+ steps x (\d+) rows x", out).group(1))  # the batch the notebook trained with
+    assert rows % devices == 0 and batch <= rows < batch + devices, out
+    assert (f"BATCH {batch} -> {rows}" in out) == (rows != batch), out
     images = [o for c in code for o in c.outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert len(images) == len(PLOTS), out
     for name in PLOTS + ("results.json",):
