@@ -50,6 +50,10 @@ class ModelConfig:
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
+    # How training/evaluation forward passes compute attention: "xla" | "splash" | "cudnn" | "auto" (see
+    # models/attention_kernels.py). Not a property of the checkpoint, so never written to config.json; part of
+    # equality and hashing because it changes the traced program (jit static arguments must tell them apart).
+    attention_impl: str = "xla"
     # The source config.json as a dict (kept to write it back); not part of equality or hashing.
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 

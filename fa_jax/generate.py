@@ -202,8 +202,10 @@ def _check_prompts(config, prompt_ids, name: str = "prompt_ids") -> list[list[in
 
 def _compile_key(config):
     """The config as the jitted calls see it (a static argument): token ids and the context length matter only
-    here on the host, so configs that differ in nothing else share their compilations."""
-    return config.replace(bos_token_id=None, eos_token_id=None, pad_token_id=None, max_position_embeddings=0)
+    here on the host, and the cache path always computes attention with XLA (layers.attention_with_cache), so
+    configs that differ in nothing else share their compilations."""
+    return config.replace(bos_token_id=None, eos_token_id=None, pad_token_id=None, max_position_embeddings=0,
+                          attention_impl="xla")
 
 
 def _default_pad(config, eos: list[int]) -> int:

@@ -316,7 +316,7 @@ def load_student(cfg, mesh, rules):
     import fa_jax
     from fa_jax.embedded import resolve_model_path
     from fa_jax.models import transformer
-    from fa_jax.train import check_same_tokenizer
+    from fa_jax.train import check_same_tokenizer, with_attention
 
     rule_set = sh.Rules(mesh, rules)
     path = resolve_model_path(cfg.model.student)
@@ -331,7 +331,7 @@ def load_student(cfg, mesh, rules):
         check_same_tokenizer(fa_jax.load_tokenizer(t_path), tokenizer, t_path, path)
     if cfg.model.keep_layers is not None:
         student_cfg, student = transformer.select_layers(student_cfg, student, cfg.model.keep_layers)
-    return student_cfg, student, tokenizer, teacher_cfg, teacher
+    return with_attention(cfg, student_cfg), student, tokenizer, with_attention(cfg, teacher_cfg), teacher
 
 
 def finetune(cfg, batches=None) -> dict:

@@ -6,6 +6,7 @@ batches split over data x fsdp, weights over fsdp (ZeRO-3 style) and tensor (Meg
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -137,3 +138,35 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh):
+    """`with mesh_context(mesh):` code traced inside sees `mesh` (jax.set_mesh): the attention kernels read its
+    devices to pick a kernel (models/attention_kernels.py) and shard_map over it. Outside of any jit only."""
+    with jax.set_mesh(mesh):
+        yield mesh
+
+
+class InMesh:
+    """A jitted function whose calls, `.lower` and `.trace` run under `mesh_context(mesh)`, so that whoever traces
+    it (the training loop, an ahead-of-time compile) traces it the same way. Other attributes are the jitted
+    function's."""
+
+    def __init__(self, fn, mesh: Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args, **kwargs):
+        with mesh_context(self.mesh):
+            return self.fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with mesh_context(self.mesh):
+            return self.fn.lower(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        with mesh_context(self.mesh):
+            return self.fn.trace(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)

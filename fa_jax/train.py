@@ -43,6 +43,9 @@ def pretrain_defaults() -> dict:
             # everything: least memory), "dots" (keep the projections' outputs), "all_dots" (keep every matmul's),
             # "mlp" (keep gate/up projections), "mlp_qkv" (and q/k/v); see transformer.REMAT_POLICIES
             "remat": None,
+            # attention kernel: "auto" (splash on TPU, cudnn on GPU where supported, else xla), "xla", "splash" or
+            # "cudnn"; see models/attention_kernels.py
+            "attention": "auto",
         },
         "adapter": adapters_lib.adapter_defaults(),  # kind: lora | dora | bottleneck | prompt_tuning | ...
         "loss": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5, "chunk_size": 128},
@@ -147,12 +150,15 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPT
 
 
 def jit_train_step(step, state, student, teacher, mesh, rules):
-    """The jitted step with explicit shardings (state donated), compiled once per run."""
+    """The jitted step with explicit shardings (state donated), compiled once per run. Its calls and `.lower` trace
+    under `sharding.mesh_context(mesh)`, where the attention kernels find their devices (sharding.InMesh)."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None
-    return jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, student),
-                                       jax.tree.map(lambda x: x.sharding, teacher), sh.batch_sharding(mesh, rules)),
-                   out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,), compiler_options=options)
+    return sh.InMesh(jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, student),
+                                                 jax.tree.map(lambda x: x.sharding, teacher),
+                                                 sh.batch_sharding(mesh, rules)),
+                             out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,),
+                             compiler_options=options), mesh)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -174,7 +180,17 @@ def load_models(cfg, mesh, rules):
         check_same_tokenizer(tokenizer, fa_jax.load_tokenizer(student_path), teacher_path, student_path)
     if cfg.model.keep_layers is not None:
         student_cfg, student = transformer.select_layers(student_cfg, student, cfg.model.keep_layers)
-    return teacher_cfg, teacher, student_cfg, student, tokenizer
+    return with_attention(cfg, teacher_cfg), teacher, with_attention(cfg, student_cfg), student, tokenizer
+
+
+def with_attention(cfg, model_cfg):
+    """`model_cfg` computing attention as the run's `model.attention` says (models/attention_kernels.py); None
+    stays None."""
+    from fa_jax.models import attention_kernels
+
+    if model_cfg is None:
+        return None
+    return model_cfg.replace(attention_impl=attention_kernels.check_impl(cfg.model.get("attention", "auto")))
 
 
 def check_same_tokenizer(t_tok, s_tok, t_path, s_path):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from fa_jax import lora
+from fa_jax.models import attention_kernels
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows give a uniform softmax, not NaN
 
@@ -67,7 +68,7 @@ def attention_mask(segment_ids, q_positions=None, k_positions=None, window: int 
     return allowed & same
 
 
-def attention(config, p, a, x, cos, sin, mask, dropout=None, prefix=None):
+def attention(config, p, a, x, cos, sin, mask, dropout=None, prefix=None, segment_ids=None, window: int = 0):
     """Grouped-query self-attention. x [B, T, D], mask [B, T, S] boolean -> [B, T, D].
 
     `prefix`: None, or (keys [N, G, K], values [N, G, K], mask [B, T, N] or None for all visible) that every query
@@ -76,6 +77,10 @@ def attention(config, p, a, x, cos, sin, mask, dropout=None, prefix=None):
     `mask` must be causal in array order (query t never sees key s > t), as `attention_mask` builds it: the
     queries are processed in blocks and block i only reads the keys up to its own end, which skips the fully
     masked upper-right part of the score matrix (a quarter of it with two blocks).
+
+    `config.attention_impl` picks the kernel (models/attention_kernels.py); the kernels build their mask from
+    `segment_ids` [B, T] (0 = padding) and the layer's sliding `window` (0: none), which must describe `mask`.
+    Without `segment_ids` the xla path runs.
     """
     B, T, _ = x.shape
     H, G, K = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -84,7 +89,15 @@ def attention(config, p, a, x, cos, sin, mask, dropout=None, prefix=None):
     k = checkpoint_name(dense(x, p["k_proj"], a.get("k_proj"), dropout), "k_proj").reshape(B, T, G, K)
     v = checkpoint_name(dense(x, p["v_proj"], a.get("v_proj"), dropout), "v_proj").reshape(B, T, G, K)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = causal_attention(q.reshape(B, T, G, H // G, K), k, v, mask, prefix).reshape(B, T, H * K)
+    impl = "xla" if segment_ids is None else attention_kernels.choose(
+        config.attention_impl, q.shape, k.shape, q.dtype, prefix=prefix)
+    if impl == "splash":
+        out = attention_kernels.splash_attention(q, k, v, segment_ids, window)
+    elif impl == "cudnn":
+        out = attention_kernels.cudnn_attention(q, k, v, segment_ids, window)
+    else:
+        out = causal_attention(q.reshape(B, T, G, H // G, K), k, v, mask, prefix)
+    out = out.reshape(B, T, H * K)
     if "adaption_prompt" in a:  # LLaMA-Adapter: gated attention over the layer's adaption prompt (llama_adapter.py)
         from fa_jax.llama_adapter import prompt_attention
         out = out + prompt_attention(config, p, a, q)
@@ -158,7 +171,9 @@ def mlp(config, p, a, x, dropout=None):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Attention over a key/value cache (generation). Its own path: the mask comes from the cache's slot metadata
-# (valid slots, positions), not from array order, so `causal_attention`'s block skipping does not apply.
+# (valid slots, positions), not from array order, so `causal_attention`'s block skipping does not apply. Always
+# XLA: `config.attention_impl` is not read here (a "splash" or "cudnn" config generates through this path too; the
+# kernels' causal block masks assume queries and keys in array order, which a cache does not keep).
 
 
 def cache_mask(q_positions, k_positions, k_valid, window: int = 0):

@@ -96,11 +96,11 @@ def segment_positions(segment_ids):
     return idx - start
 
 
-def _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout, prefix=None):
+def _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout, prefix=None, segment_ids=None):
     eps, off = config.rms_norm_eps, config.norm_offset
     h = layers.rms_norm(x, lp["input_layernorm"]["weight"], eps, off)
     o = layers.attention(config, lp["self_attn"], la.get("self_attn", {}), h, cos, sin, masks[config.window(i)],
-                         dropout, prefix)
+                         dropout, prefix, segment_ids=segment_ids, window=config.window(i))
     x = x + bottleneck.apply(la.get("attn_adapter"), o)  # Houlsby adapter on the sub-layer output (if any)
     h = layers.rms_norm(x, lp["post_attention_layernorm"]["weight"], eps, off)
     return x + bottleneck.apply(la.get("mlp_adapter"), layers.mlp(config, lp["mlp"], la.get("mlp", {}), h, dropout))
@@ -165,7 +165,8 @@ def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions
     adapters = adapters or {}
     layer_adapters = adapters.get("model", {}).get("layers", {})
     for i in range(config.num_hidden_layers):
-        fn = lambda lp, la, x, i=i: _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout, prefixes[i])
+        fn = lambda lp, la, x, i=i: _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout, prefixes[i],
+                                                   segment_ids)
         if remat and remat != "none":
             fn = jax.checkpoint(fn, policy=remat_policy(remat))
         x = fn(params["model"]["layers"][str(i)], layer_adapters.get(str(i), {}), x)
