@@ -32,6 +32,9 @@ setup(
                  "nbclient", "nbformat", "ipykernel"],  # nbclient & co.: tests/test_notebook.py runs the quickstart
         "eval": ["lm-eval"],  # fa_jax.lm_eval_bridge: lm-evaluation-harness tasks on fa_jax models
         "tfds": ["tensorflow-datasets"],
+        # `fa-jax compile`: the TPU compiler (libtpu, the version jax[tpu] pins for the installed jax) compiles for
+        # TPU topologies on a machine without TPUs; on a TPU VM the same extra runs the programs
+        "tpu": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["fa-jax=fa_jax.cli:main"]},
 )

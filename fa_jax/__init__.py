@@ -5,6 +5,7 @@
     lora = fa_jax.init_lora(config, rng, rank=8, alpha=16)
     fa_jax.save_peft(config, lora, out_dir); lora = fa_jax.load_peft(config, in_dir)
     fa_jax.save_hf(config, params, out_dir)
+    report = fa_jax.compile_report("configs/pretrain_llama31_8b_to_llama32_1b.py", topology="v5e-8")  # TPU, no TPU
 """
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ from fa_jax.llama_adapter import init_llama_adapter
 from fa_jax.adapters import init_adapter, load_adapter_dir, save_adapter
 
 __version__ = "0.1.0"
+
+
+def compile_report(config, topology: str = "v5e-8", **kw) -> dict:
+    """Compile a pretrain / sft config for a TPU topology and report per-chip HBM, FLOPs, collectives and a
+    roofline estimate; see `fa_jax.aot.compile_report` (needs the libtpu wheel: pip install -e .[tpu])."""
+    from fa_jax import aot
+
+    return aot.compile_report(config, topology, **kw)
 
 
 def load_model(path: str, dtype="float32", sharding=None):
@@ -65,4 +74,4 @@ def load_tokenizer(path: str):
 __all__ = ["ModelConfig", "FaJaxError", "load_model", "load_config", "load_tokenizer", "forward", "hidden_states",
            "lm_logits", "init_params", "abstract_params", "init_lora", "merge_lora", "save_peft", "load_peft",
            "save_hf", "init_prompt_tuning", "init_prefix_tuning", "init_bottleneck", "init_llama_adapter",
-           "init_adapter", "save_adapter", "load_adapter_dir", "generate"]
+           "init_adapter", "save_adapter", "load_adapter_dir", "generate", "compile_report"]

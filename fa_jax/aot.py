@@ -218,20 +218,6 @@ def model_config(spec: str):
                      f"shapes from (it has: {', '.join(have) or 'nothing'})")
 
 
-def _with_attention(cfg, model_cfg):
-    from fa_jax import train
-
-    fn = getattr(train, "with_attention", None)  # TEMP until the attention work lands
-    return fn(cfg, model_cfg) if fn else model_cfg
-
-
-def _mesh_context(mesh):
-    import contextlib
-
-    fn = getattr(sh, "mesh_context", None)  # TEMP
-    return fn(mesh) if fn else contextlib.nullcontext()
-
-
 def abstract_sharded(config, dtype, mesh, rules):
     """The parameter tree as ShapeDtypeStructs carrying the rule table's shardings."""
     from fa_jax.models import transformer
@@ -266,6 +252,7 @@ class Program:
     arguments: dict  # {"teacher": bytes per device, ...}
     model_flops: float  # per step (or per call), all devices together
     tokens: int  # per step (or per call)
+    rules: tuple = sh.DEFAULT_RULES
     remat: object = None
 
 
@@ -308,7 +295,7 @@ def _models(cfg, kind, mesh, rules, with_teacher=None):
             raise FaJaxError(f"loss.alpha={cfg.loss.alpha} distills from a teacher, but model.teacher is not set")
         teacher_cfg, note = model_config(cfg.model.teacher)
         notes += [note] if note else []
-        teacher_cfg = _with_attention(cfg, teacher_cfg)
+        teacher_cfg = train.with_attention(cfg, teacher_cfg)
         teacher = abstract_sharded(teacher_cfg, dtype, mesh, rules)
     student_spec = cfg.model.student if kind == "sft" or cfg.model.student is not None else cfg.model.teacher
     if kind == "pretrain" and cfg.model.student in (None, cfg.model.teacher):
@@ -316,7 +303,7 @@ def _models(cfg, kind, mesh, rules, with_teacher=None):
     else:
         student_cfg, note = model_config(student_spec)
         notes += [note] if note else []
-        student_cfg = _with_attention(cfg, student_cfg)
+        student_cfg = train.with_attention(cfg, student_cfg)
         student = abstract_sharded(student_cfg, dtype, mesh, rules)
     if cfg.model.keep_layers is not None:
         student_cfg, student = transformer.select_layers(student_cfg, student, cfg.model.keep_layers)
@@ -351,7 +338,8 @@ def training_program(cfg, kind: str, mesh, remat=None) -> tuple[Program, list]:
     flops = kd_step_flops(transformer.count_params(student_cfg),
                           transformer.count_params(teacher_cfg) if teacher_cfg else 0, B * T,
                           with_teacher=teacher_cfg is not None)
-    return Program(f"{kind} step", fn, (state, student, teacher_arg, batch), arguments, flops, B * T, remat), notes
+    return Program(f"{kind} step", fn, (state, student, teacher_arg, batch), arguments, flops, B * T, rules,
+                   remat), notes
 
 
 def generation_programs(cfg, kind: str, mesh, batch: int, prompt_len: int, cache_len: int):
@@ -409,10 +397,11 @@ def generation_programs(cfg, kind: str, mesh, batch: int, prompt_len: int, cache
                   donate_argnums=(2,))
     n = transformer.count_params(student_cfg)
     args = {"student": per_device_bytes(student), "adapters": per_device_bytes(adapters)}
-    return ([Program("generate: prefill", pre, (student, adapters, tokens, valid), {**args, "prompts": per_device_bytes(
-                tokens) + per_device_bytes(valid)}, 2.0 * n * batch * prompt_len, batch * prompt_len),
+    prompts = per_device_bytes(tokens) + per_device_bytes(valid)
+    return ([Program("generate: prefill", pre, (student, adapters, tokens, valid), {**args, "prompts": prompts},
+                     2.0 * n * batch * prompt_len, batch * prompt_len, rules),
              Program("generate: one decode step", dec, (student, adapters, cache, one, index),
-                     {**args, "kv cache": per_device_bytes(cache)}, 2.0 * n * batch, batch)], notes)
+                     {**args, "kv cache": per_device_bytes(cache)}, 2.0 * n * batch, batch, rules)], notes)
 
 
 # ------------------------------------------------------------------------------------------------ compilation
@@ -443,7 +432,7 @@ def cost_of(compiled) -> dict:
 def compile_program(program: Program, mesh):
     """(compiled, seconds). The tracing runs under the mesh (attention kernels read it to pick their shards)."""
     t0 = time.perf_counter()
-    with _mesh_context(mesh):
+    with sh.mesh_context(mesh, program.rules):
         compiled = program.fn.lower(*program.args).compile()
     return compiled, time.perf_counter() - t0
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fa_jax.errors import FaJaxError
+from fa_jax.sharding import constrain_batch, gathered
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -152,6 +153,13 @@ def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_h
     mask = jnp.asarray(mask)
     n = _normalizer(mask, normalizer)
     student_head, teacher_head = jax.lax.stop_gradient((student_head, teacher_head))
+    # Under a mesh, each device computes the logits of its own rows with the whole (gathered) head; the hidden
+    # states stay split by rows only (sharding.constrain_batch explains why this needs saying).
+    student_head = gathered(student_head, ("vocab", "embed") if student_head_vd else ("embed", "vocab"))
+    student_hidden = constrain_batch(student_hidden)
+    if teacher_head is not None:
+        teacher_head = gathered(teacher_head, ("vocab", "embed") if teacher_head_vd else ("embed", "vocab"))
+        teacher_hidden = constrain_batch(teacher_hidden)
     if teacher_head is not None:
         v = min(student_head.shape[0 if student_head_vd else 1], teacher_head.shape[0 if teacher_head_vd else 1])
         student_head = student_head[:v] if student_head_vd else student_head[:, :v]

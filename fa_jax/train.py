@@ -41,7 +41,8 @@ def pretrain_defaults() -> dict:
             "compute_dtype": None,  # e.g. "bfloat16"; None = the storage dtype
             # recompute the student's layers in the backward pass: None/"none" (keep all activations), "full" (recompute
             # everything: least memory), "dots" (keep the projections' outputs), "all_dots" (keep every matmul's),
-            # "mlp" (keep gate/up projections), "mlp_qkv" (and q/k/v); see transformer.REMAT_POLICIES
+            # "mlp" (keep gate/up projections), "mlp_qkv" (and q/k/v); see transformer.REMAT_POLICIES; "auto": the
+            # fastest of them whose compiled step fits the device memory or run.memory_budget (AUTO_REMAT_ORDER)
             "remat": None,
             # attention kernel: "auto" (splash on TPU, cudnn on GPU where supported, else xla), "xla", "splash" or
             # "cudnn"; see models/attention_kernels.py
@@ -58,6 +59,7 @@ def pretrain_defaults() -> dict:
         "run": {"steps": 100, "out_dir": "runs/pretrain", "seed": 0, "log_every": 10, "save_every": 100,
                 "keep_checkpoints": 3, "async_checkpoint": True, "resume": True, "tensorboard": True,
                 "export_peft": True, "peak_flops": None,
+                "memory_budget": None,  # bytes per device for model.remat=auto (e.g. "12GiB"); None: the device's
                 "stop_after": None},  # stop (with a checkpoint) after this many steps of this run; resume later
     }
 
@@ -138,8 +140,46 @@ def remat_setting(cfg):
     r = cfg.model.remat
     if r in (False, None, 0, "none"):
         return False
+    if r == "auto":
+        raise FaJaxError("model.remat='auto' is resolved by compiling (remat_candidates), not here")
     transformer.remat_policy(r)  # a clear error for an unknown name
     return "full" if r is True else r
+
+
+# model.remat=auto tries these from first to last and keeps the first whose compiled step fits. The order is by the
+# work the backward pass redoes: none recomputes nothing; all_dots only elementwise work; mlp_qkv norms, rope and
+# attention; mlp also the attention block's input projections; dots the activations and attention again; full the
+# whole layer (one more forward pass).
+AUTO_REMAT_ORDER = ("none", "all_dots", "mlp_qkv", "mlp", "dots", "full")
+
+
+def remat_candidates(cfg) -> list:
+    """The remat settings a run compiles: its own, or for "auto" every policy of AUTO_REMAT_ORDER."""
+    if cfg.model.remat == "auto":
+        return [False if r == "none" else r for r in AUTO_REMAT_ORDER]
+    return [remat_setting(cfg)]
+
+
+def choose_step(cfg, build, args, budget: float):
+    """(jitted or compiled step, remat) for the run: `build(remat)` makes the jitted step; with model.remat=auto
+    each candidate is compiled for `args` (arrays or abstract values) and the first whose memory analysis fits
+    `budget` bytes per device is returned compiled. None fitting is a FaJaxError naming the leanest's size."""
+    from fa_jax import aot
+
+    candidates = remat_candidates(cfg)
+    if len(candidates) == 1:
+        return build(candidates[0]), candidates[0]
+    tried = []
+    for remat in candidates:
+        compiled = build(remat).lower(*args).compile()
+        total = aot.memory_of(compiled).get("total_bytes", 0)
+        tried.append(f"{remat or 'none'} {aot.gib(total)}")
+        if total <= budget:
+            print(f"model.remat=auto: {remat or 'none'} ({aot.gib(total)} per device; budget {aot.gib(budget)})")
+            return compiled, remat
+    raise FaJaxError(f"model.remat=auto: no remat policy fits {aot.gib(budget)} per device (compiled: "
+                     f"{', '.join(tried)}); lower data.batch_size (with optim.grad_accum), add fsdp, or raise "
+                     "run.memory_budget")
 
 
 # XLA:CPU's default scheduler runs independent operations concurrently; on the training step it also moves the
@@ -158,7 +198,7 @@ def jit_train_step(step, state, student, teacher, mesh, rules):
                                                  jax.tree.map(lambda x: x.sharding, teacher),
                                                  sh.batch_sharding(mesh, rules)),
                              out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,),
-                             compiler_options=options), mesh)
+                             compiler_options=options), mesh, rules)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -236,11 +276,7 @@ def init_state(cfg, student_cfg, mesh, rules, adapters=None, student=None):
             raise FaJaxError(f"the starting adapter has {jax.tree_util.keystr(path)} of shape {got}; adapter.* "
                              f"settings give {want}")
         adapters = jax.device_put(jax.tree.map(lambda x, s: np.asarray(x, s.dtype), adapters, shapes), adapter_sh)
-    o = cfg.optim
-    optimizer, schedule = optim.make_optimizer(
-        lora.trainable_mask(adapters), lr=float(o.lr), steps=int(cfg.run.steps), warmup_steps=int(o.warmup_steps),
-        schedule_name=o.schedule, end_lr_fraction=float(o.end_lr_fraction), weight_decay=float(o.weight_decay),
-        b1=float(o.b1), b2=float(o.b2), clip_norm=o.clip_norm, skip_nonfinite=bool(o.skip_nonfinite))
+    optimizer, schedule = make_optimizer(cfg, adapters)
     rep = sh.replicated(mesh)
     # Moments follow the adapters' shardings; scalars (counts) are replicated over the mesh.
     opt_sh = sh.tree_shardings(student_cfg, jax.eval_shape(optimizer.init, adapters), mesh, rules)
@@ -250,12 +286,49 @@ def init_state(cfg, student_cfg, mesh, rules, adapters=None, student=None):
     return state, optimizer, schedule
 
 
-def validate(cfg, mesh=None):
+def make_optimizer(cfg, adapters):
+    """(optimizer, schedule) of cfg.optim for an adapter tree (arrays or shapes)."""
+    o = cfg.optim
+    return optim.make_optimizer(
+        lora.trainable_mask(adapters), lr=float(o.lr), steps=int(cfg.run.steps), warmup_steps=int(o.warmup_steps),
+        schedule_name=o.schedule, end_lr_fraction=float(o.end_lr_fraction), weight_decay=float(o.weight_decay),
+        b1=float(o.b1), b2=float(o.b2), clip_norm=o.clip_norm, skip_nonfinite=bool(o.skip_nonfinite))
+
+
+def state_shapes(cfg, student_cfg, mesh, rules):
+    """(state, optimizer, schedule) with the state as ShapeDtypeStructs in the shardings `init_state` gives it:
+    what ahead-of-time compilation (`fa_jax.aot`) lowers the step with, nothing allocated."""
+    kind = adapters_lib.check_kind(cfg.adapter.kind)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    params = transformer.abstract_params(student_cfg, jnp.dtype(cfg.model.dtype)) if kind == "dora" else None
+    init = functools.partial(adapters_lib.init_adapter, student_cfg, a=dict(cfg.adapter))
+    adapters = jax.eval_shape(lambda r, p: init(r, params=p), rng, params)
+    optimizer, schedule = make_optimizer(cfg, adapters)
+    opt_state = jax.eval_shape(optimizer.init, adapters)
+    rep = sh.replicated(mesh)
+    attach = lambda tree: jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), tree,
+                                       sh.tree_shardings(student_cfg, tree, mesh, rules))
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), "adapters": attach(adapters),
+             "opt_state": attach(opt_state), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)}
+    return state, optimizer, schedule
+
+
+def validate_shapes(cfg, mesh=None):
+    """The checks that need no data: batch against mesh and micro-batches, loss weight, steps."""
     if mesh is not None:
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
         if int(cfg.data.batch_size) % rows:
             raise FaJaxError(f"data.batch_size={cfg.data.batch_size} must be divisible by the mesh's data x fsdp "
                              f"size {rows} (mesh.shape={list(cfg.mesh.shape)})")
+    if int(cfg.data.batch_size) % int(cfg.optim.grad_accum):
+        raise FaJaxError(f"data.batch_size={cfg.data.batch_size} must be divisible by optim.grad_accum="
+                         f"{cfg.optim.grad_accum}")
+    if not 0.0 <= float(cfg.loss.alpha) <= 1.0:
+        raise FaJaxError(f"loss.alpha={cfg.loss.alpha}: expected a value in [0, 1]")
+
+
+def validate(cfg, mesh=None):
+    validate_shapes(cfg, mesh)
     if cfg.data.train is None:
         raise FaJaxError("data.train is not set: give a text/JSONL/parquet file, a save_to_disk directory, or a list")
     n_proc = jax.process_count()
@@ -380,15 +453,27 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
     state, optimizer, schedule = init_state(cfg, student_cfg, mesh, rules, adapters, student)
 
     batch_sh = sh.batch_sharding(mesh, rules)
-    loss_fn = make_loss_fn(student_cfg, teacher_cfg, cfg.loss, cfg.model.compute_dtype, float(cfg.adapter.dropout),
-                           remat_setting(cfg))
     traces = []
 
-    def counted(*args):
-        traces.append(1)  # runs at trace time only: the count of compilations
-        return make_train_step(loss_fn, optimizer, schedule, int(cfg.optim.grad_accum), batch_sh)(*args)
+    def build(remat):
+        loss_fn = make_loss_fn(student_cfg, teacher_cfg, cfg.loss, cfg.model.compute_dtype,
+                               float(cfg.adapter.dropout), remat)
 
-    step_fn = jit_train_step(counted, state, student, teacher, mesh, rules)
+        def counted(*args):
+            traces.append(1)  # runs at trace time only: the count of compilations
+            return make_train_step(loss_fn, optimizer, schedule, int(cfg.optim.grad_accum), batch_sh)(*args)
+
+        return jit_train_step(counted, state, student, teacher, mesh, rules)
+
+    shape = (int(cfg.data.batch_size), int(cfg.data.seq_len))
+    batch_shapes = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
+                    for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
+    budget = None
+    if cfg.model.remat == "auto":
+        from fa_jax import aot
+
+        budget = aot.memory_budget(cfg, device=mesh.devices.flat[0])
+    step_fn, remat = choose_step(cfg, build, (state, student, teacher, batch_shapes), budget)
 
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=int(cfg.run.keep_checkpoints),
                         async_save=bool(cfg.run.async_checkpoint))
@@ -410,7 +495,9 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
     with _Stop() as stop:
         while step < stop_at:
             local = next(batches)
-            batch = {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(local[k]))
+            # (a step compiled ahead of time by model.remat=auto takes exactly the int32 batch it was compiled for)
+            batch = {k: jax.make_array_from_process_local_data(
+                batch_sh, np.asarray(local[k], np.int32 if budget is not None else None))
                      for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
             state, metrics = step_fn(state, student, teacher, batch)
             step += 1
@@ -443,6 +530,7 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
     ckpt.close()
     plot = logger.close()
     summary = {"step": step, "steps": steps, "out_dir": out_dir, "metrics": last, "compilations": len(traces),
+               "remat": remat or "none",
                "checkpoints": ckpt.directory, "loss_curve": plot}
     if step >= steps and cfg.run.export_peft:
         summary["peft_adapter"] = export_peft(student_cfg, state["adapters"], os.path.join(out_dir, "adapter_peft"),

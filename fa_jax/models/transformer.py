@@ -15,6 +15,7 @@ import numpy as np
 
 from fa_jax import bottleneck
 from fa_jax import config as config_lib
+from fa_jax.sharding import constrain_batch
 from fa_jax.models import layers
 from fa_jax.tree import unflatten
 
@@ -147,7 +148,8 @@ def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions
         segment_ids = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask).astype(jnp.int32)
     if positions is None:
         positions = segment_positions(segment_ids)
-    x = jnp.take(emb, tokens, axis=0).astype(dtype)
+    # (activations split by batch only, under a mesh: see sharding.constrain_batch)
+    x = constrain_batch(jnp.take(emb, tokens, axis=0).astype(dtype))
     if config.embed_scale:
         x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
     prefixes = [None] * config.num_hidden_layers
@@ -169,7 +171,7 @@ def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions
                                                    segment_ids)
         if remat and remat != "none":
             fn = jax.checkpoint(fn, policy=remat_policy(remat))
-        x = fn(params["model"]["layers"][str(i)], layer_adapters.get(str(i), {}), x)
+        x = constrain_batch(fn(params["model"]["layers"][str(i)], layer_adapters.get(str(i), {}), x))
     return layers.rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, config.norm_offset)
 
 
@@ -283,7 +285,8 @@ def hidden_states_with_cache(config, params, tokens, cache, index, positions, va
     k_pos = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, index, axis=1)
     k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid, index, axis=1)
     S = index + T if isinstance(index, int) else k_pos.shape[1]
-    x = jnp.take(emb, tokens, axis=0).astype(dtype)
+    # (activations split by batch only, under a mesh: see sharding.constrain_batch)
+    x = constrain_batch(jnp.take(emb, tokens, axis=0).astype(dtype))
     if config.embed_scale:
         x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
     cos, sin = layers.rope_tables(config_lib.rope_inv_freq(config), positions, dtype)
@@ -302,5 +305,6 @@ def hidden_states_with_cache(config, params, tokens, cache, index, positions, va
         x = x + bottleneck.apply(la.get("attn_adapter"), out)  # Houlsby adapter on the sub-layer output (if any)
         h = layers.rms_norm(x, lp["post_attention_layernorm"]["weight"], eps, off)
         x = x + bottleneck.apply(la.get("mlp_adapter"), layers.mlp(config, lp["mlp"], la.get("mlp", {}), h))
+        x = constrain_batch(x)
     h = layers.rms_norm(x, params["model"]["norm"]["weight"], eps, off)
     return h, {"layers": new_layers, "positions": k_pos, "valid": k_valid}
