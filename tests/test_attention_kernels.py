@@ -254,11 +254,12 @@ def test_tpu_step_compiles_with_splash(v5e_mesh):
 
 @pytest.mark.slow
 def test_tpu_step_with_splash_needs_less_memory(v5e_mesh):
-    """v5e:2x2, sequence 2048 (about 2 minutes: the xla step's 8 unrolled query blocks compile slowly): the splash
-    step's per-chip scratch is at most half the xla step's, whose float32 score blocks grow with the square of the
-    sequence (measured: 17.6 MB against 34.9 MB with two layers)."""
-    splash = _compiled_step("splash", v5e_mesh, 2048)
-    xla = _compiled_step("xla", v5e_mesh, 2048)
+    """v5e:2x2, sequence 4096 (a few minutes: the xla step's unrolled query blocks compile slowly): the splash step's
+    per-chip scratch is at most half the xla step's, whose float32 score blocks grow with the square of the sequence
+    (measured: 23 MB against 341 MB; at 2048 the xla blocks of this small model still fit the chip's VMEM, which
+    the HBM figure does not count, and both are about 7-15 MB)."""
+    splash = _compiled_step("splash", v5e_mesh, 4096)
+    xla = _compiled_step("xla", v5e_mesh, 4096)
     assert "tpu_custom_call" not in xla.as_text()
     t_splash, t_xla = (c.memory_analysis().temp_size_in_bytes for c in (splash, xla))
     assert t_splash <= 0.5 * t_xla, (t_splash, t_xla)
