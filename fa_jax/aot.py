@@ -460,16 +460,24 @@ def _dcn_share(program: Program, topology: Topology, collectives: dict) -> tuple
     return max(total - dcn, 0.0), dcn
 
 
-def analyse(program: Program, compiled, seconds: float, topology: Topology, budget: float) -> dict:
+def analyse(program: Program, compiled, seconds: float, topology: Topology, budget: float, hlo_dir=None) -> dict:
     """The report of one compiled program (see `compile_report`)."""
     chip = topology.chip
     mem = memory_of(compiled)
     cost = cost_of(compiled)
     text = compiled.as_text()
+    if hlo_dir:
+        from fa_jax.io.atomic import write_text
+
+        os.makedirs(hlo_dir, exist_ok=True)
+        name = re.sub(r"[^a-z0-9]+", "_", f"{program.name} {program.remat or ''}".lower()).strip("_")
+        write_text(os.path.join(hlo_dir, f"{name}.hlo.txt"), text)
     colls = hlo_stats.collectives(text)
     ici, dcn = _dcn_share(program, topology, colls)
-    est = roofline(chip, cost["flops"], cost["bytes_accessed"], ici, dcn)
     model_per_chip = program.model_flops / topology.chips
+    # XLA counts a loop body once (the loss's chunk loop, micro-batches) and nothing inside Pallas kernels (splash
+    # attention): the compute time takes the larger of its count and the model's own
+    est = roofline(chip, max(cost["flops"], model_per_chip), cost["bytes_accessed"], ici, dcn)
     est["mfu"] = model_per_chip / (est["step_s"] * chip.peak_flops) if est["step_s"] else None
     est["tokens_per_s"] = program.tokens / est["step_s"] if est["step_s"] else None
     total = mem.get("total_bytes", 0)
@@ -525,13 +533,14 @@ def parse_bytes(value, what: str) -> float:
 
 def compile_report(config, topology: str = "v5e-8", *, overrides=(), slices: int = 1, program: str = "train",
                    kind: str | None = None, batch: int = 8, prompt_len: int = 1024, cache_len: int = 2048,
-                   progress=None) -> dict:
+                   progress=None, hlo_dir: str | None = None) -> dict:
     """Compile a pretrain or sft config for a TPU topology and report per chip what it needs.
 
     config: a config file path, or a dict / Config resolved as for `fa-jax pretrain` / `sft` (the kind is "sft"
     when it has an `init` key). topology: "v5e-8", "v6e-256", "v4-8", "v5p-8", ... (`parse_topology`).
     program: "train" (the training step) or "generate" (prefill of `prompt_len` tokens and one decode step at
-    `batch` rows, cache of `cache_len` slots). `model.remat="auto"` compiles the remat policies from fastest to
+    `batch` rows, cache of `cache_len` slots). hlo_dir: also write each program's optimized HLO there (to read
+    what the collectives and the largest arrays are). `model.remat="auto"` compiles the remat policies from fastest to
     leanest (`train.AUTO_REMAT_ORDER`) and keeps the first that fits.
 
     Returns {"topology", "chips", "mesh", "kind", "chip", "notes", "programs": [one report per program]}, each
@@ -564,7 +573,7 @@ def compile_report(config, topology: str = "v5e-8", *, overrides=(), slices: int
             prog, notes = training_program(cfg, kind, mesh, remat)
             say(f"compiling the {kind} step (remat {remat or 'none'}) for {topo.name}")
             compiled, seconds = compile_program(prog, mesh)
-            rep = analyse(prog, compiled, seconds, topo, budget)
+            rep = analyse(prog, compiled, seconds, topo, budget, hlo_dir)
             rep["remat"] = remat or "none"
             tried.append({"remat": rep["remat"], "total_bytes": rep["per_chip"]["total_bytes"],
                           "compile_s": rep["compile_s"]})
@@ -578,7 +587,7 @@ def compile_report(config, topology: str = "v5e-8", *, overrides=(), slices: int
         for prog in progs:
             say(f"compiling {prog.name} for {topo.name}")
             compiled, seconds = compile_program(prog, mesh)
-            reports.append(analyse(prog, compiled, seconds, topo, budget))
+            reports.append(analyse(prog, compiled, seconds, topo, budget, hlo_dir))
     chip = topo.chip
     return {"topology": topo.name, "jax_topology": f"{topo.generation}:{topo.shape}", "slices": topo.slices,
             "chips": topo.chips, "mesh": dict(mesh.shape), "kind": kind, "program": program,
@@ -648,7 +657,8 @@ def format_report(report: dict) -> str:
             lines.append("   largest arrays: " + ", ".join(f"{a['shape']} {a['op']} ({gib(a['bytes'])})"
                                                            for a in pc["largest_arrays"][:3]))
         lines.append(f"   FLOPs per chip: model {_si(fl['model_per_chip'], 'FLOP')}, XLA "
-                     f"{_si(fl['xla_per_chip'], 'FLOP')}; HBM traffic {_si(fl['bytes_accessed_per_chip'], 'B')}")
+                     f"{_si(fl['xla_per_chip'], 'FLOP')} (XLA counts loop bodies once and no kernel FLOPs); "
+                     f"HBM traffic {_si(fl['bytes_accessed_per_chip'], 'B')}")
         lines.append("   collectives per chip (static count in the optimized HLO; ops in loops count once):")
         for k, c in r["collectives"].items():
             lines.append(f"     {k:<20} {c['count']:>6} ops {_si(c['bytes'], 'B'):>10}   "

@@ -240,7 +240,8 @@ def _compile(args) -> None:
     t0 = time.time()
     report = aot.compile_report(args.config, args.topology, overrides=args.overrides, slices=args.slices,
                                 program=args.program, kind=args.kind, batch=args.batch, prompt_len=args.prompt_len,
-                                cache_len=args.cache_len, progress=lambda m: print(m + " ...", flush=True))
+                                cache_len=args.cache_len, progress=lambda m: print(m + " ...", flush=True),
+                                hlo_dir=args.hlo)
     print(aot.format_report(report))
     if args.json:
         aot.write_json(report, args.json)
@@ -330,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-len", type=int, default=1024, help="--program generate: prompt tokens per row")
     s.add_argument("--cache-len", type=int, default=2048, help="--program generate: cache slots per row")
     s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    s.add_argument("--hlo", metavar="DIR", help="also write each program's optimized HLO text into DIR")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.batch_size=32")
     s.set_defaults(fn=_compile)
     s = sub.add_parser("merge", help="partial adaptation: base + sum of scaled adapters, as an HF directory")

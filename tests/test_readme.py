@@ -48,5 +48,10 @@ def test_readme_commands_parse(capsys):
             if argv[0] in ("pretrain", "sft"):
                 assert main(argv + ["--print-config"]) == 0, argv
                 capsys.readouterr()
+            if argv[0] == "compile":  # the config resolves with its overrides (compiling is test_aot's job)
+                from fa_jax import aot
+
+                args = build_parser().parse_args(argv)
+                aot.resolve_run_config(args.config, args.overrides, args.kind)
     finally:
         os.chdir(cwd)
