@@ -24,7 +24,7 @@ Attention is the Pallas splash kernel on TPU (model.attention=auto).
 def get_config():
     return {
         "model": {"teacher": "/path/to/Llama-3.1-8B-Instruct", "student": "/path/to/Llama-3.2-1B",
-                  "dtype": "bfloat16", "compute_dtype": "bfloat16", "remat": True},
+                  "dtype": "bfloat16", "compute_dtype": "bfloat16", "remat": "full"},
         "adapter": {"rank": 64, "alpha": 128.0, "targets": "all-linear"},
         # chunk 64: the loss's float32 [rows, chunk, 128256] logits of both models are its largest arrays (0.98 GiB
         # each per chip at 8 rows x 256); fa-jax compile on v5e-8 measured the step's temporaries at 64 vs 256

@@ -254,6 +254,7 @@ class Program:
     tokens: int  # per step (or per call)
     rules: tuple = sh.DEFAULT_RULES
     remat: object = None
+    recompute_flops: float = 0.0  # what rematerialization adds to the model FLOPs (all devices, where known)
 
 
 def run_kind(config: dict) -> str:
@@ -338,8 +339,11 @@ def training_program(cfg, kind: str, mesh, remat=None) -> tuple[Program, list]:
     flops = kd_step_flops(transformer.count_params(student_cfg),
                           transformer.count_params(teacher_cfg) if teacher_cfg else 0, B * T,
                           with_teacher=teacher_cfg is not None)
+    # remat "full" runs the student's forward once more (2 N per token); the partial policies recompute a part of
+    # it that depends on the shapes, left out (the compute estimate is then a little optimistic)
+    recompute = 2.0 * transformer.count_params(student_cfg) * B * T if remat == "full" else 0.0
     return Program(f"{kind} step", fn, (state, student, teacher_arg, batch), arguments, flops, B * T, rules,
-                   remat), notes
+                   remat, recompute), notes
 
 
 def generation_programs(cfg, kind: str, mesh, batch: int, prompt_len: int, cache_len: int):
@@ -476,8 +480,9 @@ def analyse(program: Program, compiled, seconds: float, topology: Topology, budg
     ici, dcn = _dcn_share(program, topology, colls)
     model_per_chip = program.model_flops / topology.chips
     # XLA counts a loop body once (the loss's chunk loop, micro-batches) and nothing inside Pallas kernels (splash
-    # attention): the compute time takes the larger of its count and the model's own
-    est = roofline(chip, max(cost["flops"], model_per_chip), cost["bytes_accessed"], ici, dcn)
+    # attention): the compute time takes the larger of its count and the model's own plus rematerialization
+    executed = (program.model_flops + program.recompute_flops) / topology.chips
+    est = roofline(chip, max(cost["flops"], executed), cost["bytes_accessed"], ici, dcn)
     est["mfu"] = model_per_chip / (est["step_s"] * chip.peak_flops) if est["step_s"] else None
     est["tokens_per_s"] = program.tokens / est["step_s"] if est["step_s"] else None
     total = mem.get("total_bytes", 0)
@@ -485,7 +490,7 @@ def analyse(program: Program, compiled, seconds: float, topology: Topology, budg
     return {"program": program.name, "remat": program.remat, "compile_s": round(seconds, 1),
             "per_chip": {**mem, "arguments": program.arguments, "budget_bytes": int(budget), "fits": fits,
                          "largest_arrays": hlo_stats.largest_arrays(text, 5)},
-            "flops": {"model_per_chip": model_per_chip, "xla_per_chip": cost["flops"],
+            "flops": {"model_per_chip": model_per_chip, "with_remat_per_chip": executed, "xla_per_chip": cost["flops"],
                       "bytes_accessed_per_chip": cost["bytes_accessed"]},
             "collectives": colls, "estimate": est}
 
@@ -664,9 +669,11 @@ def format_report(report: dict) -> str:
             lines.append(f"     {k:<20} {c['count']:>6} ops {_si(c['bytes'], 'B'):>10}   "
                          f"traffic {_si(c['traffic_bytes'], 'B')}")
         mfu = f"{100 * est['mfu']:.0f}%" if est.get("mfu") is not None else "n/a"
+        if fl["with_remat_per_chip"] > fl["model_per_chip"]:
+            lines.append(f"   with rematerialization: {_si(fl['with_remat_per_chip'], 'FLOP')} per chip")
         lines.append(f"   estimate (roofline, not a measurement): {1e3 * est['step_s']:.1f} ms per call, bound by "
                      f"{est['bound_by']} (compute {1e3 * est['compute_s']:.1f} ms, HBM {1e3 * est['hbm_s']:.1f} ms, "
-                     f"ICI {1e3 * est['ici_s']:.1f} ms, DCN {1e3 * est['dcn_s']:.1f} ms); MFU {mfu}; "
+                     f"ICI {1e3 * est['ici_s']:.1f} ms, DCN {1e3 * est['dcn_s']:.1f} ms); MFU at most {mfu}; "
                      f"{_si(est['tokens_per_s'] or 0, 'tokens/s')}")
     lines.append("")
     lines.append(f"chip facts: {chip['source']}")

@@ -246,3 +246,28 @@ def test_generation_prefill_and_decode(tiny_dir):
     n = transformer.count_params(aot.model_config(tiny_dir)[0])
     assert pre["flops"]["model_per_chip"] == pytest.approx(2.0 * n * 8 * 128 / 4)
     assert dec["flops"]["model_per_chip"] == pytest.approx(2.0 * n * 8 / 4)
+
+
+SEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                    "pretrain_llama31_8b_to_llama32_1b.py")
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.remat=mlp"], ["model.remat=none"],
+                                       ["mesh.shape=[-1,8,1]", "data.batch_size=256", "model.remat=none"],
+                                       ["model.remat=auto", "run.memory_budget=12GiB"]])
+def test_seed_config_target_settings_resolve(overrides):
+    """The per-target settings in the seed config's docstring (and README) are valid overrides of it."""
+    kind, cfg = aot.resolve_run_config(SEED, overrides)
+    assert kind == "pretrain" and cfg.data.seq_len == 2048
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        assert str(cfg[section][name]).replace(" ", "") in (value, "None" if value == "none" else value)
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_seed_config_fits_v5e_8():
+    """The shipped seed config compiles for v5e-8 and fits (about 8 minutes and 24 GB of host memory)."""
+    rep = aot.compile_report(SEED, "v5e-8")
+    assert rep["programs"][0]["per_chip"]["fits"], aot.format_report(rep)
