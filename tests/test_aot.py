@@ -271,3 +271,28 @@ def test_seed_config_fits_v5e_8():
     """The shipped seed config compiles for v5e-8 and fits (about 8 minutes and 24 GB of host memory)."""
     rep = aot.compile_report(SEED, "v5e-8")
     assert rep["programs"][0]["per_chip"]["fits"], aot.format_report(rep)
+
+
+@needs_libtpu
+def test_collectives_of_a_program_with_known_collectives():
+    """A shard_map program with one collective of each kind, compiled for v5e:2x2: each is found, with its size."""
+    topo = aot.parse_topology("v5e:2x2")
+    mesh = jax.sharding.Mesh(np.array(aot.tpu_devices(topo)).reshape(4), ("x",))
+
+    def body(a):  # a: this chip's [256, 128] float32 block (128 KiB)
+        s = jax.lax.psum(a, "x")  # all-reduce of 128 KiB
+        g = jax.lax.all_gather(a * 2, "x", tiled=True)  # all-gather: 512 KiB result
+        r = jax.lax.psum_scatter(a * 3, "x", tiled=True)  # reduce-scatter: [64, 128] result, 32 KiB
+        p = jax.lax.ppermute(a * 4, "x", [(i, (i + 1) % 4) for i in range(4)])  # collective-permute, 128 KiB
+        t = jax.lax.all_to_all(a * 5, "x", 0, 0, tiled=True)  # all-to-all, 128 KiB
+        return (s.sum() + g.sum() + r.sum() + p.sum() + t.sum())[None]
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+    arg = jax.ShapeDtypeStruct((1024, 128), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+    c = hlo_stats.collectives(fn.lower(arg).compile().as_text())
+    KiB = 1024
+    assert c["all-gather"]["count"] == 1 and c["all-gather"]["bytes"] == 512 * KiB
+    assert c["reduce-scatter"]["count"] == 1 and c["reduce-scatter"]["bytes"] == 32 * KiB
+    assert c["collective-permute"]["count"] == 1 and c["collective-permute"]["bytes"] == 128 * KiB
+    assert c["all-to-all"]["count"] == 1 and c["all-to-all"]["bytes"] == 128 * KiB
+    assert c["all-reduce"]["count"] == 1 and c["all-reduce"]["bytes"] == 128 * KiB
