@@ -296,3 +296,15 @@ def test_collectives_of_a_program_with_known_collectives():
     assert c["collective-permute"]["count"] == 1 and c["collective-permute"]["bytes"] == 128 * KiB
     assert c["all-to-all"]["count"] == 1 and c["all-to-all"]["bytes"] == 128 * KiB
     assert c["all-reduce"]["count"] == 1 and c["all-reduce"]["bytes"] == 128 * KiB
+
+
+@needs_libtpu
+def test_sft_config_compiles(tiny_dir):
+    """An sft config (it has an `init` key) compiles as `fa-jax sft` would run it: the student alone."""
+    cfg = {"init": "random", "model": {"student": tiny_dir, "dtype": "bfloat16"}, "adapter": {"rank": 4},
+           "data": {"train": "unused", "seq_len": 128, "batch_size": 4}, "mesh": {"shape": [-1, 1, 1]}}
+    rep = aot.compile_report(cfg, "v5e:2x2")
+    assert rep["kind"] == "sft" and rep["programs"][0]["program"] == "sft step"
+    pc = rep["programs"][0]["per_chip"]
+    # data parallel: every chip holds the whole bf16 student
+    assert pc["arguments"]["teacher"] == 0 and pc["arguments"]["student"] == hand_param_bytes(1) // 2
