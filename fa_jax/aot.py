@@ -275,8 +275,8 @@ def resolve_run_config(path, overrides=(), kind: str | None = None):
         try:
             spec.loader.exec_module(module)
             raw = module.get_config() if hasattr(module, "get_config") else {}
-        except SyntaxError:
-            raw = {}  # run_config.load reports it with the line number
+        except Exception:  # noqa: BLE001 (run_config.load below reports a broken config file in one line)
+            raw = {}
     kind = kind or (run_kind(raw) if isinstance(raw, dict) else "pretrain")
     defaults = train.pretrain_defaults() if kind == "pretrain" else sft.sft_defaults()
     return kind, run_config.load(path, defaults, overrides)

@@ -108,7 +108,10 @@ def load(path: str | None, defaults: dict, overrides=()) -> Config:
             raise FaJaxError(f"{path}:{e.lineno}: syntax error in config file ({e.msg})") from None
         if not hasattr(module, "get_config"):
             raise FaJaxError(f"{path}: a config file must define get_config()")
-        config = merge(config, module.get_config(), path)
+        got = module.get_config()
+        if not isinstance(got, dict):
+            raise FaJaxError(f"{path}: get_config() returned a {type(got).__name__}; expected a dict of settings")
+        config = merge(config, got, path)
     return apply_overrides(config, overrides)
 
 
