@@ -308,3 +308,14 @@ def test_sft_config_compiles(tiny_dir):
     pc = rep["programs"][0]["per_chip"]
     # data parallel: every chip holds the whole bf16 student
     assert pc["arguments"]["teacher"] == 0 and pc["arguments"]["student"] == hand_param_bytes(1) // 2
+
+
+@needs_libtpu
+def test_two_slices_put_the_data_axis_across_them(tiny_dir):
+    """--slices 2: the mesh's data axis crosses the slices (FSDP stays inside each); only the adapters' gradient
+    reduction is counted on the data-center network: 2 (S-1)/S of the gradient shard per chip."""
+    rep = aot.compile_report(run_cfg(tiny_dir, data={"batch_size": 16}), "v5e:2x2", slices=2)
+    assert rep["chips"] == 8 and rep["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    prog = rep["programs"][0]
+    dcn = aot.roofline(aot.CHIPS["v5e"], 0, 0, 0, prog["per_chip"]["arguments"]["adapters"])["dcn_s"]
+    assert prog["estimate"]["dcn_s"] == pytest.approx(dcn)  # 2 (2-1)/2 = 1 x the adapters' bytes
