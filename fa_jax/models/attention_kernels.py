@@ -21,7 +21,12 @@ An explicit "splash"/"cudnn" that cannot compute a call is a one-line FaJaxError
 falls back to xla for it silently. Not supported by either kernel: prompt/prefix-tuning prefixes (extra keys in
 front of the sequence); queries and keys of different lengths. Splash also needs T a multiple of 128 (its blocks);
 cudnn a bf16/fp16 compute dtype, a head dim <= 128 and a multiple of 8, an even T. LLaMA-Adapter's prompt attention
-is added separately (layers.attention) and works with every choice.
+is added separately (layers.attention) and works with every choice. Splash's training step compiled for v5e with
+head dims 8, 16, 64, 80, 96, 128 and 256, so no head dim is refused.
+
+Under jax.checkpoint the kernels are not matmuls to a remat policy: every policy (transformer.REMAT_POLICIES)
+recomputes the forward kernel in the backward pass, which rebuilds the residuals (output, logsumexp) the kernel's
+own backward needs.
 
 Same numbers for real tokens; padding differs: a padding position (segment id 0) sees no key in xla (a uniform
 softmax over the keys of its query block), while both kernels let padding positions attend to the padding before
