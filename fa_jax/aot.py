@@ -17,7 +17,6 @@ the `configs/models/` file of the same name, and the report says so.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -266,20 +265,10 @@ def resolve_run_config(path, overrides=(), kind: str | None = None):
     """(kind, resolved config) as `fa-jax pretrain` / `fa-jax sft` would resolve them."""
     from fa_jax import run_config, sft, train
 
-    raw = {}
-    if path:
-        if not os.path.exists(path):
-            raise FaJaxError(f"{path}: config file not found")
-        spec = importlib.util.spec_from_file_location(f"fa_jax_kind_{abs(hash(path))}", path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-            raw = module.get_config() if hasattr(module, "get_config") else {}
-        except Exception:  # noqa: BLE001 (run_config.load below reports a broken config file in one line)
-            raw = {}
-    kind = kind or (run_kind(raw) if isinstance(raw, dict) else "pretrain")
+    raw = run_config.read_file(path) if path else {}
+    kind = kind or run_kind(raw)
     defaults = train.pretrain_defaults() if kind == "pretrain" else sft.sft_defaults()
-    return kind, run_config.load(path, defaults, overrides)
+    return kind, run_config.load(path, defaults, overrides, settings=raw)
 
 
 def _models(cfg, kind, mesh, rules, with_teacher=None):

@@ -94,24 +94,30 @@ def apply_overrides(config: dict, overrides) -> Config:
     return out
 
 
-def load(path: str | None, defaults: dict, overrides=()) -> Config:
-    """Defaults, then the config file's `get_config()`, then the overrides."""
+def read_file(path: str) -> dict:
+    """The dict a config file's `get_config()` returns; a missing file, a syntax error or no dict is one line."""
+    if not os.path.exists(path):
+        raise FaJaxError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"fa_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise FaJaxError(f"{path}:{e.lineno}: syntax error in config file ({e.msg})") from None
+    if not hasattr(module, "get_config"):
+        raise FaJaxError(f"{path}: a config file must define get_config()")
+    got = module.get_config()
+    if not isinstance(got, dict):
+        raise FaJaxError(f"{path}: get_config() returned a {type(got).__name__}; expected a dict of settings")
+    return got
+
+
+def load(path: str | None, defaults: dict, overrides=(), settings: dict | None = None) -> Config:
+    """Defaults, then the config file's `get_config()` (or `settings`, that dict already read), then the
+    overrides."""
     config = wrap(copy.deepcopy(defaults))
     if path:
-        if not os.path.exists(path):
-            raise FaJaxError(f"{path}: config file not found")
-        spec = importlib.util.spec_from_file_location(f"fa_jax_config_{abs(hash(path))}", path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except SyntaxError as e:
-            raise FaJaxError(f"{path}:{e.lineno}: syntax error in config file ({e.msg})") from None
-        if not hasattr(module, "get_config"):
-            raise FaJaxError(f"{path}: a config file must define get_config()")
-        got = module.get_config()
-        if not isinstance(got, dict):
-            raise FaJaxError(f"{path}: get_config() returned a {type(got).__name__}; expected a dict of settings")
-        config = merge(config, got, path)
+        config = merge(config, read_file(path) if settings is None else settings, path)
     return apply_overrides(config, overrides)
 
 

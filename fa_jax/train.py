@@ -335,8 +335,6 @@ def validate(cfg, mesh=None):
     B, accum = int(cfg.data.batch_size), int(cfg.optim.grad_accum)
     if B % (n_proc * accum):
         raise FaJaxError(f"data.batch_size={B} must be divisible by processes x optim.grad_accum = {n_proc * accum}")
-    if not 0.0 <= float(cfg.loss.alpha) <= 1.0:
-        raise FaJaxError(f"loss.alpha={cfg.loss.alpha}: expected a value in [0, 1]")
     if int(cfg.run.steps) < 1:
         raise FaJaxError(f"run.steps={cfg.run.steps}: expected at least 1")
 

@@ -7,7 +7,6 @@ missing-libtpu error.
 """
 import importlib.util
 import json
-import math
 import os
 
 import jax
