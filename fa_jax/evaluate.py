@@ -31,6 +31,7 @@ Axis legend: B batch rows, T time, C time steps in a chunk, D model, V vocab.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -148,30 +149,39 @@ def perplexity(config, params, tokenizer, documents, *, adapters=None, seq_len: 
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}
 
 
+def _row_sums(h_s, head_s, s_vd, h_t, head_t, t_vd, labels, mask, temperature, chunk_size):
+    """Per-row sums [B, 4] of (kd, agreement, nll, tokens): `losses.chunked_distill_loss` run on each row (vmapped),
+    so that rows of different documents stay apart. With h_t = None (no teacher) kd and agreement are 0."""
+    def row(hs, ht, lab, m):
+        _, met = losses.chunked_distill_loss(hs[None], head_s, None if ht is None else ht[None],
+                                             None if ht is None else head_t, lab[None], m[None],
+                                             alpha=0.0 if ht is None else 1.0, temperature=float(temperature),
+                                             chunk_size=chunk_size, normalizer=1.0, student_head_vd=s_vd,
+                                             teacher_head_vd=t_vd)
+        return jnp.stack([met["kd"], met["agreement"], met["lm"], met["tokens"]])
+
+    return jax.vmap(row)(h_s, h_t, labels, mask)
+
+
 def _agreement_fn(teacher_cfg, student_cfg, temperature, dtype, chunk_size):
-    """jitted (h_teacher, teacher, student, adapters, batch) -> summed (kd, agreement, student nll, tokens)."""
+    """jitted (h_teacher, teacher, student, adapters, batch) -> per-row (kd, agreement, student nll, tokens) [B, 4]."""
     def step(h_t, teacher, student, adapters, b):
         h_s = transformer.hidden_states(student_cfg, student, b["tokens"], adapters, segment_ids=b["segment_ids"],
                                         positions=b["positions"], dtype=dtype)
         head_s, s_vd = transformer.lm_head(student_cfg, student)
         head_t, t_vd = transformer.lm_head(teacher_cfg, teacher)
-        _, m = losses.chunked_distill_loss(h_s, head_s, h_t, head_t, b["labels"], b["mask"], alpha=1.0,
-                                           temperature=float(temperature), chunk_size=chunk_size, normalizer=1.0,
-                                           student_head_vd=s_vd, teacher_head_vd=t_vd)
-        return m["kd"], m["agreement"], m["lm"], m["tokens"]
+        return _row_sums(h_s, head_s, s_vd, h_t, head_t, t_vd, b["labels"], b["mask"], temperature, chunk_size)
 
     return jax.jit(step)
 
 
 def _teacher_fn(teacher_cfg, dtype, chunk_size):
-    """jitted (teacher, batch) -> (hidden states [B, T, D], summed teacher nll, tokens)."""
+    """jitted (teacher, batch) -> (hidden states [B, T, D], per-row (teacher nll, tokens) [B, 2])."""
     def step(teacher, b):
         h = transformer.hidden_states(teacher_cfg, teacher, b["tokens"], segment_ids=b["segment_ids"],
                                       positions=b["positions"], dtype=dtype)
         head, vd = transformer.lm_head(teacher_cfg, teacher)
-        _, m = losses.chunked_distill_loss(h, head, None, None, b["labels"], b["mask"], alpha=0.0,
-                                           chunk_size=chunk_size, normalizer=1.0, student_head_vd=vd)
-        return h, m["lm"], m["tokens"]
+        return h, _row_sums(h, head, vd, None, None, False, b["labels"], b["mask"], 1.0, chunk_size)[:, 2:]
 
     return jax.jit(step)
 
@@ -209,9 +219,79 @@ def teacher_agreement(teacher_cfg, teacher, student_cfg, student, tokenizer, doc
     sums = np.zeros(4, np.float64)
     for batch in _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
         b = _device_batch(batch)
-        h_t, _, _ = teacher_step(teacher, b)
-        sums += np.asarray(jax.device_get(step(h_t, teacher, student, adapters, b)), np.float64)
+        h_t, _ = teacher_step(teacher, b)
+        sums += np.asarray(jax.device_get(step(h_t, teacher, student, adapters, b)), np.float64).sum(0)
     return _agreement_summary(sums)
+
+
+def _specials(tokenizer, add_bos, add_eos) -> tuple[list, list, int]:
+    """([BOS] or [], [EOS] or [], pad id), as `fa_jax.data.PackedBatches` decides them."""
+    out = []
+    for name, flag in (("bos", add_bos), ("eos", add_eos)):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if flag and token_id is None:
+            raise FaJaxError(f"add_{name}=True but the tokenizer has no {name} token")
+        out.append([int(token_id)] if (token_id is not None and flag is not False) else [])
+    pad = getattr(tokenizer, "pad_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return out[0], out[1], int(pad if pad is not None else eos if eos is not None else 0)
+
+
+def _texts(documents, text_field, split) -> list[str]:
+    """The documents' texts, in order: a list of strings, a `datasets.Dataset` (its `text_field` column) or a data
+    source `fa_jax.data.load_documents` reads."""
+    import datasets
+
+    if isinstance(documents, (list, tuple)):
+        for i, d in enumerate(documents):
+            if not isinstance(d, str):
+                raise FaJaxError(f"documents[{i}]: a {type(d).__name__}; expected a string")
+        return list(documents)
+    if isinstance(documents, datasets.Dataset):
+        return list(documents[text_field])
+    from fa_jax.data import load_documents
+
+    return list(load_documents(documents, split=split, text_field=text_field, on_error="fail")["text"])
+
+
+def document_batches(tokenizer, documents, *, seq_len: int = 256, batch_size: int = 4, add_bos: bool | None = None,
+                     add_eos: bool | None = None, text_field: str = "text", split: str = "paragraph"):
+    """Batches in which every row holds (a piece of) one document: (batches, docs, number of documents).
+
+    Each document is [BOS] + tokens + [EOS] as in `perplexity` (`PackedBatches` with that document alone): one
+    longer than seq_len + 1 tokens is cut as a packed stream of it would be (row r holds its tokens r*T .. r*T + T,
+    the context restarting in each row), so every next-token pair is scored once and a document's sums equal
+    `perplexity([document])`'s. A piece goes into a row of the smallest width among T/4, T/2, T (those >= 8) that
+    holds it; a batch holds rows of one width only, batch_size * T / width of them (the tokens of batch_size full
+    rows), the last batch of a width padded with empty rows: at most three shapes, and short documents do not
+    pay for T positions. Rows keep the document order within a width. batches: dicts of int32 [B, W] arrays as
+    `PackedBatches` gives them; docs: int [B] per batch, the document of each row (-1 for padding rows).
+    """
+    from fa_jax.data import pack_row
+
+    texts = _texts(documents, text_field, split)
+    bos, eos, pad_id = _specials(tokenizer, add_bos, add_eos)
+    T = int(seq_len)
+    widths = sorted({w for w in (T // 4, T // 2) if w >= 8} | {T})
+    pieces = {w: [] for w in widths}
+    todo = [i for i, t in enumerate(texts) if t and not t.isspace()]
+    encoded = tokenizer([texts[i] for i in todo], add_special_tokens=False, return_attention_mask=False,
+                        verbose=False)["input_ids"] if todo else []
+    for d, ids in zip(todo, encoded):
+        ids = np.asarray(bos + list(ids) + eos, np.int32)
+        for start in range(0, len(ids) - 1, T):
+            piece = ids[start:start + T + 1]
+            pieces[next(w for w in widths if w >= len(piece) - 1)].append((d, piece))
+    batches, docs = [], []
+    for w in widths:
+        rows = max(1, batch_size * T // w)
+        for start in range(0, len(pieces[w]), rows):
+            chunk = pieces[w][start:start + rows]
+            packed = [pack_row(p, np.ones(len(p), np.int64), w, pad_id) for _, p in chunk]
+            packed += [pack_row(np.zeros(0, np.int32), np.zeros(0, np.int64), w, pad_id)] * (rows - len(chunk))
+            batches.append({k: np.stack([r[k] for r in packed]) for k in packed[0]})
+            docs.append(np.array([d for d, _ in chunk] + [-1] * (rows - len(chunk)), np.int64))
+    return batches, docs, len(texts)
 
 
 class TeacherReference:
@@ -221,51 +301,193 @@ class TeacherReference:
         ref.teacher_metrics    # {"perplexity", "nll", "tokens"} of the teacher itself
         ref.score(student_cfg, student, adapters=lora)   # as teacher_agreement: {"kl", "top1_agreement", ...}
 
-    The held-out rows are packed as in `perplexity` (at most `max_rows` of them, None: all) and the teacher's final
-    hidden states [B, T, D] are kept per batch (D floats per token, not V), so each `score` call runs only the
-    student and the two LM heads, chunk by chunk. Students with the same shapes share one compilation.
+        ref = TeacherReference(teacher_cfg, teacher, tokenizer, held_out_texts, per_document=True)
+        ref.score(student_cfg, student)["per_document"]  # {"nll_sum", "kl_sum", "agreement_sum", "tokens"} [docs]
+        ref.teacher_documents                            # {"nll_sum", "tokens"} [docs] of the teacher
+
+    The held-out rows are packed as in `perplexity` (at most `max_rows` of them, None: all), or with per_document
+    every document gets rows of its own (`document_batches`: every document scored whole, sums per document, in the
+    documents' order). The teacher's final hidden states [B, T, D] are kept per batch (D floats per token, not V),
+    so each `score` call runs only the student and the two LM heads, chunk by chunk. Students with the same shapes
+    share one compilation (per row width). `subset(max_tokens)` scores a spread-out part of the batches.
     """
 
     def __init__(self, teacher_cfg, teacher, tokenizer, documents, *, seq_len: int = 256, batch_size: int = 4,
                  max_rows: int | None = None, temperature: float = 1.0, dtype=None, chunk_size: int = 128,
                  add_bos: bool | None = None, add_eos: bool | None = None, text_field: str = "text",
-                 split: str = "paragraph"):
+                 split: str = "paragraph", per_document: bool = False):
         _check_temperature(temperature)
         if max_rows is not None and int(max_rows) < 1:
             raise FaJaxError(f"max_rows={max_rows!r}: expected at least 1 (or None for every row)")
+        if per_document and max_rows is not None:
+            raise FaJaxError(f"max_rows={max_rows!r}: per_document scores every document whole; give max_rows=None")
         self.teacher_cfg, self.teacher = teacher_cfg, teacher
         self.temperature, self.dtype, self.chunk_size = float(temperature), dtype, int(chunk_size)
         teacher_step = _teacher_fn(teacher_cfg, dtype, chunk_size)
-        self.batches, self.hidden = [], []
-        nll, tokens, rows = 0.0, 0, 0
-        for batch in _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
+        if per_document:
+            batches, self.row_documents, self.documents = document_batches(
+                tokenizer, documents, seq_len=seq_len, batch_size=batch_size, add_bos=add_bos, add_eos=add_eos,
+                text_field=text_field, split=split)
+        else:
+            batches, self.row_documents, self.documents = _batches(tokenizer, documents, seq_len, batch_size,
+                                                                   add_bos, add_eos, text_field, split), None, None
+        self.batches, self.hidden, self._teacher_rows = [], [], []
+        rows = 0
+        for batch in batches:
             if max_rows is not None and rows >= int(max_rows):
                 break
             b = _device_batch(batch)
-            h, s, n = teacher_step(teacher, b)
+            h, sums = teacher_step(teacher, b)
             self.batches.append(b)
             self.hidden.append(h)
-            nll, tokens, rows = nll + float(s), tokens + int(n), rows + batch_size
+            self._teacher_rows.append(np.asarray(jax.device_get(sums), np.float64))
+            rows += int(b["tokens"].shape[0])
+        self._summarize_teacher()
+        self._steps: dict = {}
+
+    def _summarize_teacher(self):
+        nll, tokens = np.concatenate(self._teacher_rows).sum(0) if self._teacher_rows else (0.0, 0)
         if tokens == 0:
             raise FaJaxError("documents: no next-token pairs to score (every document is a single token or empty)")
-        self.teacher_metrics = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens}
-        self._steps: dict = {}
+        self.teacher_metrics = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": int(tokens)}
+        self.teacher_documents = None if self.row_documents is None else self._by_document(
+            self._teacher_rows, ("nll_sum", "tokens"))
+
+    def _by_document(self, rows, names) -> dict:
+        """Per-row sums [B, k] of each batch added up per document: {name: [documents]} (tokens as int)."""
+        acc = np.zeros((self.documents, len(names)), np.float64)
+        for r, d in zip(rows, self.row_documents):
+            np.add.at(acc, d[d >= 0], r[d >= 0])
+        return {n: (np.rint(acc[:, i]).astype(np.int64) if n == "tokens" else acc[:, i]) for i, n in enumerate(names)}
 
     @property
     def rows(self) -> int:
         return sum(int(b["tokens"].shape[0]) for b in self.batches)
 
+    def subset(self, max_tokens: int) -> "TeacherReference":
+        """This reference on every k-th batch only, k = ceil(tokens / max_tokens), so about `max_tokens` real tokens
+        spread over the row widths (itself when it holds no more). Shares the arrays and compiled steps."""
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise FaJaxError(f"max_tokens={max_tokens!r}: expected an integer >= 1")
+        k = -(-self.teacher_metrics["tokens"] // max_tokens)
+        if k <= 1:
+            return self
+        sub = copy.copy(self)  # the same _steps dict: compilations stay shared
+        sub.batches, sub.hidden, sub._teacher_rows = self.batches[::k], self.hidden[::k], self._teacher_rows[::k]
+        sub.row_documents = None if self.row_documents is None else self.row_documents[::k]
+        sub._summarize_teacher()
+        return sub
+
     def score(self, student_cfg, student, adapters=None) -> dict:
-        """{"kl", "top1_agreement", "student_nll", "perplexity", "tokens"} of one student on the held-out rows."""
+        """{"kl", "top1_agreement", "student_nll", "perplexity", "tokens"} of one student on the held-out rows;
+        per_document adds "per_document": {"nll_sum", "kl_sum", "agreement_sum", "tokens"}, arrays [documents]."""
         key = student_cfg  # a frozen dataclass: students with the same config share one compiled step
         if key not in self._steps:
             self._steps[key] = _agreement_fn(self.teacher_cfg, student_cfg, self.temperature, self.dtype,
                                              self.chunk_size)
         step = self._steps[key]
-        sums = np.zeros(4, np.float64)
-        for h_t, b in zip(self.hidden, self.batches):
-            sums += np.asarray(jax.device_get(step(h_t, self.teacher, student, adapters, b)), np.float64)
-        return _agreement_summary(sums)
+        rows = [np.asarray(jax.device_get(step(h_t, self.teacher, student, adapters, b)), np.float64)
+                for h_t, b in zip(self.hidden, self.batches)]
+        out = _agreement_summary(np.concatenate(rows).sum(0))
+        if self.row_documents is not None:
+            out["per_document"] = self._by_document(rows, ("kl_sum", "agreement_sum", "nll_sum", "tokens"))
+        return out
+
+
+def _choice_fn(config, dtype):
+    """jitted (params, adapters, prompts [N, P], choices [N, K, C], choice mask [N, K, C]) -> log p of each choice
+    token [N, K, C] (0 on padding)."""
+    def step(params, adapters, prompt, choice, cmask):
+        N, P = prompt.shape
+        _, K, C = choice.shape
+        cdt = jnp.dtype(dtype or params["model"]["embed_tokens"]["embedding"].dtype)
+        valid = prompt >= 0  # prompts are left-padded with -1
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+        cache = transformer.init_cache(config, N, P + C, cdt)
+        h, cache = transformer.hidden_states_with_cache(config, params, jnp.maximum(prompt, 0), cache, 0, positions,
+                                                        valid, adapters, dtype=dtype)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, K, axis=0), cache)  # the prompt's keys/values, once per choice
+        c_pos = jnp.repeat(positions[:, -1] + 1, K)[:, None] + jnp.arange(C, dtype=jnp.int32)[None]
+        c_mask = cmask.reshape(N * K, C) > 0
+        h_c, _ = transformer.hidden_states_with_cache(config, params, choice.reshape(N * K, C), cache, P, c_pos,
+                                                      c_mask, adapters, dtype=dtype)
+        # choice token t is predicted by the prompt's last hidden state (t = 0) or by choice token t - 1
+        h_pred = jnp.concatenate([jnp.repeat(h[:, -1:], K, axis=0), h_c[:, :-1]], axis=1)  # [N K, C, D]
+        head, vd = transformer.lm_head(config, params)
+        spec = "bcd,vd->bcv" if vd else "bcd,dv->bcv"
+        logits = jnp.einsum(spec, h_pred, head.astype(h_pred.dtype), preferred_element_type=jnp.float32)
+        target = choice.reshape(N * K, C)
+        lp = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+        return jnp.where(c_mask, lp, 0.0).reshape(N, K, C)
+
+    return jax.jit(step)
+
+
+class MultipleChoice:
+    """Log-likelihood multiple choice: how likely each of a prompt's K choices is as its continuation.
+
+        mc = MultipleChoice(tokenizer, prompts, choices)   # choices[i]: the K continuation strings of prompts[i]
+        mc.score(config, params, adapters=lora)   # {"logprob": [N, K] float64, "tokens": [N, K] int}
+
+    Prompt i is [BOS] + its tokens (add_bos as in `perplexity`); each choice is tokenized on its own (no special
+    tokens) and appended, and logprob[i, j] is the sum over choice j's tokens of log p(token | prompt i, the
+    choice's earlier tokens); tokens[i, j] is their number (logprob / tokens: the per-token score). Each prompt runs
+    once, its keys and values cached (`transformer.hidden_states_with_cache`) and shared by its K choices, so an
+    item costs one prompt and K short continuations. Batches of `batch_size` items all have one shape (prompts
+    left-padded to a multiple of 16 tokens, choices right-padded to the longest): one compilation per model config.
+    """
+
+    def __init__(self, tokenizer, prompts, choices, *, batch_size: int = 16, add_bos: bool | None = None,
+                 dtype=None):
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise FaJaxError("prompts: expected a non-empty list of strings")
+        if (not isinstance(choices, (list, tuple)) or len(choices) != len(prompts)
+                or not all(isinstance(c, (list, tuple)) and c and all(isinstance(s, str) for s in c)
+                           for c in choices)):
+            raise FaJaxError(f"choices: expected {len(prompts)} non-empty lists of strings, one per prompt")
+        k = len(choices[0])
+        if any(len(c) != k for c in choices):
+            raise FaJaxError(f"choices: every prompt needs the same number of choices (the first has {k})")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise FaJaxError(f"batch_size={batch_size!r}: expected an integer >= 1")
+        bos, _, _ = _specials(tokenizer, add_bos, False)
+
+        def encode(texts):
+            return tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
+                             verbose=False)["input_ids"]
+
+        p_ids = [bos + list(ids) for ids in encode(prompts)]
+        c_ids = encode([s for c in choices for s in c])
+        empty = [i // k for i, ids in enumerate(c_ids) if not ids] + [i for i, ids in enumerate(p_ids) if not ids]
+        if empty:
+            raise FaJaxError(f"item {empty[0]}: a prompt or choice with no tokens")
+        n, P, C = len(prompts), -(-max(map(len, p_ids)) // 16) * 16, max(map(len, c_ids))
+        n_pad = -(-n // batch_size) * batch_size
+        prompt = np.full((n_pad, P), -1, np.int32)
+        choice = np.zeros((n_pad, k, C), np.int32)
+        cmask = np.zeros((n_pad, k, C), np.int32)
+        for i in range(n_pad):  # padding items repeat item 0 (their scores are dropped)
+            src = i if i < n else 0
+            prompt[i, P - len(p_ids[src]):] = p_ids[src]
+            for j in range(k):
+                ids = c_ids[src * k + j]
+                choice[i, j, :len(ids)], cmask[i, j, :len(ids)] = ids, 1
+        self.n, self.k, self.batch_size, self.dtype = n, k, batch_size, dtype
+        self._arrays = (prompt, choice, cmask)
+        self._steps: dict = {}
+
+    def score(self, config, params, adapters=None) -> dict:
+        """{"logprob": [N, K] summed log-probabilities of the choices, "tokens": [N, K] their token counts}."""
+        if config not in self._steps:
+            self._steps[config] = _choice_fn(config, self.dtype)
+        step = self._steps[config]
+        prompt, choice, cmask = self._arrays
+        out = []
+        for s in range(0, len(prompt), self.batch_size):
+            b = slice(s, s + self.batch_size)
+            lp = step(params, adapters, jnp.asarray(prompt[b]), jnp.asarray(choice[b]), jnp.asarray(cmask[b]))
+            out.append(np.asarray(jax.device_get(lp), np.float64).sum(-1))
+        return {"logprob": np.concatenate(out)[: self.n], "tokens": cmask[: self.n].sum(-1).astype(np.int64)}
 
 
 def target_logprobs(config, params, tokens, targets, mask, adapters=None, *, dtype=None, chunk_size: int = 128):
@@ -300,8 +522,10 @@ def target_logprobs(config, params, tokens, targets, mask, adapters=None, *, dty
 
 # ---------------------------------------------------------------------------------------------------- QA records
 
-# RE-Adapt, Appendix B (seed 004). qa_prompt gives the one-user-turn form the paper used for Gemma and Mistral,
-# which every chat template accepts; qa_messages also gives the Llama-3 form with a system turn.
+# RE-Adapt, Appendix B (seed 004). qa_messages gives the Llama-3 form with a system turn; qa_prompt the one-user-turn
+# form the paper used for Gemma and Mistral, whose chat templates reject a system role. `chat_prompts` renders
+# either through the tokenizer's own chat template ("We utilize the huggingface tokenizers library to ensure our
+# prompts follow the correct template").
 CLOSED_BOOK_SYSTEM = "Answer the following question."
 CONTEXT_SYSTEM = "Answer the following question given this context: {context}."
 CONTEXT_USER = "Answer the following question given this context: {context}\nQuestion: {question}"
@@ -314,7 +538,7 @@ def _question(record) -> str:
 
 
 def qa_prompt(record: dict, with_context: bool = False) -> str:
-    """The prompt text of one record (a user turn; `evaluate_qa` applies the chat template when there is one).
+    """The prompt text of one record: the user turn of the Gemma/Mistral form (`chat_prompts` renders it).
 
     {"prompt": ...} is used verbatim (summarisation, custom formats; `with_context` does not change it).
     {"question": ...} follows RE-Adapt's Appendix B (Gemma/Mistral format):
@@ -331,8 +555,8 @@ def qa_prompt(record: dict, with_context: bool = False) -> str:
 
 def qa_messages(record: dict, with_context: bool = False) -> list[dict]:
     """RE-Adapt's Llama-3 format as chat messages: a system turn ("Answer the following question." or "Answer
-    the following question given this context: <context>.") and the user turn "<question>?". For callers that
-    apply a chat template themselves; "prompt" records give one user turn with the prompt."""
+    the following question given this context: <context>.") and the user turn "<question>?", for a chat template
+    that takes a system role (`chat_prompts`); "prompt" records give one user turn with the prompt."""
     _check_record(record, "record", with_context)
     if "prompt" in record:
         return [{"role": "user", "content": record["prompt"]}]
@@ -443,33 +667,103 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+PROMPT_FORMATS = ("auto", "system", "user")
+
+
+def _render(tokenizer, messages) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _takes_system_turn(tokenizer, record, with_context) -> bool:
+    """Whether the chat template renders `record`'s system turn: it neither raises (Gemma's and Mistral's templates
+    raise "System role not supported") nor drops the system text."""
+    import jinja2
+
+    messages = qa_messages(record, with_context)
+    try:
+        text = _render(tokenizer, messages)
+    except (jinja2.TemplateError, ValueError, TypeError):
+        return False
+    return messages[0]["content"] in text
+
+
+def chat_prompts(tokenizer, records, with_context: bool = False, prompt_format: str = "auto"):
+    """The records' QA prompts rendered by the tokenizer's own chat template, ending in the assistant's generation
+    prompt (`apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`): (texts, format used).
+
+    prompt_format "system": `qa_messages`, RE-Adapt's Llama-3 form (the instruction as a system turn, the question
+    as the user turn); "user": `qa_prompt` as one user turn, the Gemma/Mistral form; "auto": "system" when the
+    template renders a system turn (tried on the first question record), else "user". The texts hold the template's
+    special tokens (BOS, turn markers): tokenize them with add_special_tokens=False.
+    """
+    return _chat_prompts(tokenizer, *_located(records, with_context), with_context, prompt_format)
+
+
+def _chat_prompts(tokenizer, wheres, records, with_context, prompt_format):
+    import jinja2
+
+    if prompt_format not in PROMPT_FORMATS:
+        raise FaJaxError(f"prompt_format={prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
+    if not _has_chat_template(tokenizer):
+        raise FaJaxError("the tokenizer has no chat template to render QA prompts with (give the model directory "
+                         "the instruct model's tokenizer, e.g. fa-jax merge --tokenizer INSTRUCT_DIR, or chat=False)")
+    if prompt_format == "auto":
+        first = next((r for r in records if "question" in r), None)
+        prompt_format = "system" if first and _takes_system_turn(tokenizer, first, with_context) else "user"
+    texts = []
+    for where, r in zip(wheres, records):
+        messages = (qa_messages(r, with_context) if prompt_format == "system"
+                    else [{"role": "user", "content": qa_prompt(r, with_context)}])
+        try:
+            texts.append(_render(tokenizer, messages))
+        except (jinja2.TemplateError, ValueError, TypeError) as e:  # e.g. the template's raise_exception(...)
+            first_line = (str(e).splitlines() or [type(e).__name__])[0]
+            raise FaJaxError(f"{where}: the chat template rejects the {prompt_format!r} prompt format "
+                             f"({first_line}); try prompt_format='auto'") from None
+    return texts, prompt_format
+
+
 def evaluate_qa(config, params, tokenizer, records, *, adapters=None, generate_fn=None, max_new_tokens: int = 64,
-                with_context: bool = False, chat: bool | None = None, batch_size: int = 8, dtype=None,
-                use_stemmer: bool = True, out_dir: str | None = None) -> dict:
+                with_context: bool = False, chat: bool | None = None, prompt_format: str = "auto",
+                batch_size: int = 8, dtype=None, use_stemmer: bool = True, out_dir: str | None = None) -> dict:
     """Generate an answer for every record and score it (`score_records`); returns the summary.
 
-    records: a JSON Lines path (`load_records`) or a list of record dicts. Prompts come from `qa_prompt`
-    (with_context: the retrieval-augmented format). Generation is greedy, `max_new_tokens` at most, through
-    `fa_jax.generate.generate_text` (or `generate_fn`, any callable with its signature, e.g. a fake in tests);
-    chat: wrap each prompt in the tokenizer's chat template as one user turn (None: when the tokenizer has one).
-    out_dir: also write `predictions.jsonl` (per example: the prompt, prediction, references and scores) and
-    `summary.json` there, each atomically (temporary file, then rename). The summary holds "n", the mean
-    "rougeL_f1", "rougeL_recall", "rougeL_precision", "exact_match" (0-1) and the settings used.
+    records: a JSON Lines path (`load_records`) or a list of record dicts. With a chat template (chat=None: when
+    the tokenizer has one) the prompts are RE-Adapt's Appendix B formats rendered by that template
+    (`chat_prompts`): prompt_format "auto" gives Llama-3 style templates the system-turn form (`qa_messages`) and
+    templates that reject a system role (Gemma, Mistral) the one-user-turn form (`qa_prompt`); "system" / "user"
+    force one. chat=False: the plain `qa_prompt` text, tokenized with the tokenizer's own special tokens.
+    with_context: the retrieval-augmented formats. Generation is greedy, `max_new_tokens` at most, through
+    `fa_jax.generate.generate_text` (or `generate_fn`, any callable with its signature, e.g. a fake in tests),
+    which gets the rendered texts with chat=False and add_special_tokens=False (no second BOS).
+    out_dir: also write `predictions.jsonl` (per example: the prompt as fed to the model, prediction, references
+    and scores) and `summary.json` there, each atomically (temporary file, then rename). The summary holds "n",
+    the mean "rougeL_f1", "rougeL_recall", "rougeL_precision", "exact_match" (0-1) and the settings used,
+    "chat" and "prompt_format" ("system" or "user") among them.
     """
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise FaJaxError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
-    _, records = _located(records, with_context)
-    prompts = [qa_prompt(r, with_context) for r in records]
+    if prompt_format not in PROMPT_FORMATS:
+        raise FaJaxError(f"prompt_format={prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
+    wheres, records = _located(records, with_context)
+    chat = _has_chat_template(tokenizer) if chat is None else bool(chat)
+    if chat:
+        prompts, prompt_format = _chat_prompts(tokenizer, wheres, records, with_context, prompt_format)
+    elif prompt_format == "system":
+        raise FaJaxError("prompt_format='system' needs the tokenizer's chat template (chat=False, or the tokenizer "
+                         "has none): the system turn exists only in a chat")
+    else:
+        prompts, prompt_format = [qa_prompt(r, with_context) for r in records], "user"
     if generate_fn is None:
         from fa_jax.generate import generate_text as generate_fn
-    chat = _has_chat_template(tokenizer) if chat is None else bool(chat)
     predictions = list(generate_fn(config, params, tokenizer, prompts, adapters=adapters,
-                                   max_new_tokens=max_new_tokens, chat=chat, batch_size=batch_size, dtype=dtype))
+                                   max_new_tokens=max_new_tokens, chat=False, add_special_tokens=not chat,
+                                   batch_size=batch_size, dtype=dtype))
     per, summary = score_records(records, predictions, use_stemmer=use_stemmer)
     for row, prompt in zip(per, prompts):
         row["prompt"] = prompt
-    summary.update({"with_context": bool(with_context), "chat": chat, "max_new_tokens": max_new_tokens,
-                    "use_stemmer": bool(use_stemmer)})
+    summary.update({"with_context": bool(with_context), "chat": chat, "prompt_format": prompt_format,
+                    "max_new_tokens": max_new_tokens, "use_stemmer": bool(use_stemmer)})
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         _write_atomic(os.path.join(out_dir, "predictions.jsonl"),

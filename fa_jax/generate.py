@@ -306,11 +306,13 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 
 def generate_text(config, params, tokenizer, prompts: list[str], *, adapters=None, max_new_tokens: int = 32,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop=None, seed: int = 0,
-                  chat: bool = False, batch_size: int = 8, dtype=None) -> list[str]:
+                  chat: bool = False, batch_size: int = 8, dtype=None, add_special_tokens: bool = True) -> list[str]:
     """The generated text of each prompt (special tokens skipped), in batches of `batch_size` prompts.
 
     chat=True formats each prompt as a user turn with `tokenizer.apply_chat_template(add_generation_prompt=True)`;
-    otherwise the prompt is tokenized as the tokenizer does by default (BOS where it adds one). Decoding stops at
+    otherwise the prompt is tokenized as the tokenizer does by default (BOS where it adds one), or, with
+    add_special_tokens=False, as it is: for prompts a chat template already rendered (their BOS and turn markers
+    are in the text, so none is added twice; `fa_jax.evaluate.evaluate_qa` does this). Decoding stops at
     the EOS ids of the config and the tokenizer; `stop` (a string or a list of them) cuts each text before the
     first occurrence of any of them and ends that row's decoding (the batch ends when every row is done or
     stopped). Prompts are batched in order of length; the texts come back in the order of `prompts`. Sampling
@@ -336,7 +338,7 @@ def generate_text(config, params, tokenizer, prompts: list[str], *, adapters=Non
                 raise FaJaxError(f"chat=True: the tokenizer cannot format a chat ({str(e).splitlines()[0]})") from None
             ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template holds the specials
         else:
-            ids.append(tokenizer(p)["input_ids"])
+            ids.append(tokenizer(p, add_special_tokens=bool(add_special_tokens))["input_ids"])
     ids = _check_prompts(config, ids, "prompts")  # e.g. prompts[3] has 9000 tokens
     eos = _id_list(config.eos_token_id, "config.eos_token_id")
     if _is_int(tokenizer.eos_token_id) and tokenizer.eos_token_id not in eos:

@@ -189,3 +189,27 @@ def test_config_is_hashable_static_argument(name):
     assert hash(c) == hash(fa_jax.load_config(path_of(name)))
     f = jax.jit(lambda cfg, x: x + cfg.num_hidden_layers, static_argnums=0)
     assert int(f(c, jnp.int32(0))) == c.num_hidden_layers
+
+
+def test_knowledge_adapter_config_is_the_seeds_table_4():
+    """configs/knowledge_llama3_8b.py has RE-Adapt's Appendix A, Table 4 settings (DoRA r 64, alpha 128, dropout
+    0.05, all-linear, batch 20, AdamW 2e-4, linear decay to 0, no warm-up), and builds a DoRA tree on Llama-3-8B."""
+    from fa_jax import adapters as adapters_lib
+    from fa_jax import run_config, train
+
+    path = os.path.join(os.path.dirname(CONFIG_DIR), "knowledge_llama3_8b.py")
+    cfg = run_config.load(path, train.pretrain_defaults())
+    a, o = cfg.adapter, cfg.optim
+    assert (a.kind, a.rank, a.alpha, a.dropout, a.targets) == ("dora", 64, 128.0, 0.05, "all-linear")
+    assert cfg.data.batch_size == 20 and cfg.loss.alpha == 0.0
+    assert (o.lr, o.schedule, o.warmup_steps, o.end_lr_fraction, o.weight_decay) == (2e-4, "linear", 0, 0.0, 0.0)
+    doc = open(path).read()
+    assert "Appendix A, Table 4" in doc and "0.5" in doc
+    model = fa_jax.load_config(path_of("llama-3-8b"))
+    shapes = jax.eval_shape(lambda p: adapters_lib.init_adapter(model, jax.random.PRNGKey(0), a=dict(a), params=p),
+                            fa_jax.abstract_params(model, jnp.bfloat16))
+    _, sched = train.make_optimizer(cfg, shapes)
+    steps = cfg.run.steps
+    assert [float(sched(s)) for s in (0, steps // 2, steps)] == pytest.approx([2e-4, 1e-4, 0.0], rel=1e-6, abs=1e-12)
+    q = shapes["model"]["layers"]["0"]["self_attn"]["q_proj"]
+    assert q["lora_A"].shape == (4096, 64) and q["magnitude"].shape == (4096,)

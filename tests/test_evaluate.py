@@ -146,30 +146,38 @@ def test_evaluate_qa_with_injected_generator(tmp_path):
 
     def fake_generate(config, params, tokenizer, prompts, *, adapters=None, max_new_tokens=32, chat=False,
                       batch_size=8, dtype=None, **kw):
-        calls.append(dict(prompts=prompts, adapters=adapters, max_new_tokens=max_new_tokens, chat=chat))
+        calls.append(dict(prompts=prompts, adapters=adapters, max_new_tokens=max_new_tokens, chat=chat,
+                          add_special_tokens=kw.get("add_special_tokens", True)))
         return [next(a for k, a in answers.items() if k in p) for p in prompts]
 
-    class Tok:
-        chat_template = "{{ messages }}"
+    class Tok:  # a chat template without a system role (Gemma, Mistral)
+        chat_template = "no system role"
+
+        def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+            if messages[0]["role"] == "system":
+                raise ValueError("System role not supported")
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<model>" * add_generation_prompt
 
     out = tmp_path / "eval"
     summary = evaluate.evaluate_qa("cfg", "params", Tok(), str(path), adapters="lora", generate_fn=fake_generate,
                                    max_new_tokens=16, with_context=True, out_dir=str(out))
-    assert calls == [dict(prompts=[evaluate.qa_prompt(r, True) for r in records], adapters="lora",
-                          max_new_tokens=16, chat=True)]
+    assert calls == [dict(prompts=[f"<user>{evaluate.qa_prompt(r, True)}<model>" for r in records], adapters="lora",
+                          max_new_tokens=16, chat=False, add_special_tokens=False)]  # rendered once, no second BOS
     expected = {"n": 2, "rougeL_f1": (1 / 6 + 1 / 3) / 2, "rougeL_recall": (1 + 1 / 2) / 2,
                 "rougeL_precision": (1 / 11 + 1 / 4) / 2, "exact_match": 1 / 2}
     assert {k: summary[k] for k in expected} == pytest.approx(expected)
     assert summary["with_context"] is True and summary["chat"] is True and summary["max_new_tokens"] == 16
+    assert summary["prompt_format"] == "user"
     assert json.loads((out / "summary.json").read_text()) == summary
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in rows] == list(answers.values())
-    assert rows[0]["prompt"].startswith("Answer the following question given this context:")
+    assert rows[0]["prompt"].startswith("<user>Answer the following question given this context:")
     assert rows[1]["reference"] == ["Montevideo Uruguay"] and rows[1]["rougeL_recall"] == pytest.approx(0.5)
     assert sorted(os.listdir(out)) == ["predictions.jsonl", "summary.json"]  # no temporary files left
 
     summary = evaluate.evaluate_qa("cfg", "params", object(), records, generate_fn=fake_generate)
     assert calls[-1]["chat"] is False and calls[-1]["max_new_tokens"] == 64  # no chat template: plain prompts
+    assert calls[-1]["add_special_tokens"] is True and summary["prompt_format"] == "user"
     assert calls[-1]["prompts"][0] == "how many episodes are there in dragon ball z?"
     with pytest.raises(FaJaxError, match=r"records\[0\]: with_context=True needs"):
         evaluate.evaluate_qa("cfg", "params", object(), [{"question": "q", "reference": "a"}], with_context=True,
@@ -179,6 +187,109 @@ def test_evaluate_qa_with_injected_generator(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ model-based metrics
+
+
+# The chat templates of Meta-Llama-3-8B-Instruct (system, user and assistant headers) and gemma-7b-it (no system
+# role), as their tokenizer_config.json files give them.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+QA = {"question": "how many episodes are there in dragon ball z", "reference": "291",
+      "context": "Dragon Ball Z has 291 episodes."}
+
+
+def test_evaluate_qa_prompts_follow_the_chat_template(tmp_path):
+    """RE-Adapt, Appendix B: a Llama-3 template gets the system-turn form, rendered by the tokenizer's own
+    apply_chat_template; a template that rejects a system role (Gemma) gets the one-user-turn form."""
+    tok = save_tiny_tokenizer(tmp_path)
+    fed = []
+
+    def fake_generate(config, params, tokenizer, prompts, **kw):
+        fed.append((list(prompts), kw))
+        return ["There are 291 episodes."] * len(prompts)
+
+    tok.chat_template = LLAMA3_TEMPLATE
+    question = "how many episodes are there in dragon ball z?"
+    for ctx, system in ((False, "Answer the following question."),
+                        (True, "Answer the following question given this context: Dragon Ball Z has 291 episodes.")):
+        summary = evaluate.evaluate_qa(None, None, tok, [QA], with_context=ctx, generate_fn=fake_generate)
+        want = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": question}],
+                                       add_generation_prompt=True, tokenize=False)
+        assert want == (f"<s><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|><|start_header_id|>user"
+                        f"<|end_header_id|>\n\n{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        assert fed[-1][0] == [want]
+        assert fed[-1][1]["chat"] is False and fed[-1][1]["add_special_tokens"] is False  # rendered once
+        assert (summary["chat"], summary["prompt_format"], summary["exact_match"]) == (True, "system", 1.0)
+    summary = evaluate.evaluate_qa(None, None, tok, [QA], prompt_format="user", generate_fn=fake_generate)
+    assert fed[-1][0] == [tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                  tokenize=False)] and summary["prompt_format"] == "user"
+
+    tok.chat_template = GEMMA_TEMPLATE
+    for ctx, user in ((False, question), (True, "Answer the following question given this context: Dragon Ball Z "
+                                                f"has 291 episodes.\nQuestion: {question}")):
+        summary = evaluate.evaluate_qa(None, None, tok, [QA], with_context=ctx, generate_fn=fake_generate)
+        want = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+        assert want == f"<s><start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
+        assert fed[-1][0] == [want] and summary["prompt_format"] == "user"
+    with pytest.raises(FaJaxError, match=r"^records\[0\]: the chat template rejects the 'system' prompt format "
+                                         r"\(System role not supported\)"):
+        evaluate.evaluate_qa(None, None, tok, [QA], prompt_format="system", generate_fn=fake_generate)
+    with pytest.raises(FaJaxError, match="prompt_format='chat': expected one of auto, system, user"):
+        evaluate.evaluate_qa(None, None, tok, [QA], prompt_format="chat", generate_fn=fake_generate)
+    tok.chat_template = None
+    with pytest.raises(FaJaxError, match="the tokenizer has no chat template"):
+        evaluate.evaluate_qa(None, None, tok, [QA], chat=True, generate_fn=fake_generate)
+    with pytest.raises(FaJaxError, match="prompt_format='system' needs the tokenizer's chat template"):
+        evaluate.evaluate_qa(None, None, tok, [QA], prompt_format="system", generate_fn=fake_generate)
+
+
+def test_evaluate_qa_feeds_generate_text_one_bos(tmp_path, monkeypatch):
+    """The rendered prompt (BOS from the template) reaches the model with one BOS even where the tokenizer adds one
+    by default; without a chat template the tokenizer's own BOS is kept. Then the same through `fa-jax eval`."""
+    from tokenizers import processors
+
+    from fa_jax import generate
+
+    save_hf_model("llama", tmp_path)
+    config = fa_jax.load_config(str(tmp_path))
+    tok = save_tiny_tokenizer(tmp_path)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                 special_tokens=[("<s>", tok.bos_token_id)])
+    seen = []
+    monkeypatch.setattr(generate, "_generate", lambda config, params, prompts, **kw: (
+        seen.extend(prompts) or [[] for _ in prompts], 0))
+    for template in (LLAMA3_TEMPLATE, GEMMA_TEMPLATE, None):
+        tok.chat_template = template
+        evaluate.evaluate_qa(config, None, tok, [QA], max_new_tokens=1)
+        ids = seen.pop()
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, (template, ids)
+    assert tok("<s> the")["input_ids"][:2] == [tok.bos_token_id] * 2  # what a second tokenizer BOS would look like
+
+    # `fa-jax eval --qa` on a model directory whose tokenizer has the Llama-3 template (as `fa-jax merge --tokenizer`
+    # leaves it): the system-turn form, recorded in the summary
+    from fa_jax.cli import main
+
+    tok.chat_template = LLAMA3_TEMPLATE
+    tok.save_pretrained(str(tmp_path))
+    (tmp_path / "qa.jsonl").write_text(json.dumps(QA) + "\n")
+    assert main(["eval", "--model", str(tmp_path), "--qa", str(tmp_path / "qa.jsonl"), "--max-new-tokens", "1",
+                 "--out", str(tmp_path / "ev")]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert (summary["chat"], summary["prompt_format"]) == (True, "system")
+    row = json.loads((tmp_path / "ev" / "predictions.jsonl").read_text())
+    assert row["prompt"].startswith("<s><|start_header_id|>system<|end_header_id|>\n\nAnswer the following question.")
+    assert main(["eval", "--model", str(tmp_path), "--qa", str(tmp_path / "qa.jsonl"), "--prompt-format", "user",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["prompt_format"] == "user"
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,21 @@ def test_schedule_matches_formula(decay):
         assert float(sched(s)) == pytest.approx(want, rel=1e-5, abs=1e-12), (decay, s)
 
 
+@pytest.mark.parametrize("warm", [0, 10])
+def test_linear_schedule_matches_transformers(warm):
+    """"linear" with end_lr_fraction 0 is Hugging Face's get_linear_schedule_with_warmup (the Trainer's "linear",
+    which RE-Adapt's Table 4 names): lr * s / warm, then lr * max(0, (steps - s) / (steps - warm))."""
+    import torch
+    import transformers
+
+    lr, steps = 2e-4, 100
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    hf = transformers.get_linear_schedule_with_warmup(opt, warm, steps)
+    ours = optim.schedule(lr, steps, warm, "linear", 0.0)
+    for s in range(steps + 1):
+        assert float(ours(s)) == pytest.approx(lr * hf.lr_lambdas[0](s), rel=1e-5, abs=1e-12), s
+
+
 def test_unknown_schedule():
     with pytest.raises(FaJaxError, match="optim.schedule='step'"):
         optim.schedule(1e-3, 10, 0, "step")
