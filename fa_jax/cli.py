@@ -190,7 +190,7 @@ def _eval(args) -> None:
     if args.qa:
         summary["qa"] = evaluate.evaluate_qa(config, params, tokenizer, args.qa, adapters=adapters,
                                              max_new_tokens=args.max_new_tokens, with_context=args.with_context,
-                                             out_dir=args.out)
+                                             prompt_format=args.prompt_format, out_dir=args.out)
     text = json.dumps(summary, indent=2, default=str)
     print(text)
     if args.out:
@@ -207,12 +207,17 @@ def _diff(args) -> None:
 
 def _truncate(args) -> None:
     from fa_jax import readapt
+    from fa_jax.io import peft as peft_io
 
     report = readapt.truncate(args.delta, args.out, tau=args.tau, rank=args.rank, overwrite=args.overwrite,
                               base_config=args.base_config)
     print(readapt.rank_table(report))
-    print(f"wrote {os.path.abspath(args.out)} (PEFT LoRA directory, lore_report.json, "
-          f"explained_variance.png, param_share_vs_tau.png)")
+    kept = report["non_matrix"]
+    side = f" and {len(kept['side_file'])} in {peft_io.EXTRA}" if kept["side_file"] else ""
+    print(f"wrote {os.path.abspath(args.out)} (PEFT LoRA directory, {len(kept['modules_to_save'])} modules_to_save "
+          f"tensor(s){side}, lore_report.json, explained_variance.png, param_share_vs_tau.png)")
+    if kept["note"]:
+        print(f"note: {kept['note']}", file=sys.stderr)
 
 
 def _parse_adapter(text: str):
@@ -229,8 +234,13 @@ def _merge(args) -> None:
     from fa_jax import readapt
 
     adapters = [_parse_adapter(a) for a in args.adapter]
-    readapt.merge(args.base, adapters, args.out, overwrite=args.overwrite, dtype=args.dtype)
+    readapt.merge(args.base, adapters, args.out, overwrite=args.overwrite, dtype=args.dtype,
+                  tokenizer_dir=args.tokenizer)
     print(f"wrote {os.path.abspath(args.out)} = base + " + " + ".join(f"{s:g} * {p}" for p, s in adapters))
+    if args.tokenizer is None and not readapt.has_chat_template(args.base):
+        instruct = readapt.tuned_of(adapters) or "INSTRUCT_DIR"
+        print(f"note: the base's tokenizer has no chat template, so fa-jax eval --qa on {args.out} prompts without "
+              f"one; merge with --tokenizer {instruct} to carry the instruct model's", file=sys.stderr)
 
 
 def _compile(args) -> None:
@@ -290,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--agreement", metavar="TEXT", help="held-out text for KL(teacher || model) and top-1 agreement")
     s.add_argument("--qa", metavar="RECORDS", help="JSON Lines {question|prompt, reference, context?}")
     s.add_argument("--with-context", action="store_true", help="QA prompt with the record's context passage")
+    s.add_argument("--prompt-format", choices=("auto", "system", "user"), default="auto",
+                   help="QA prompts through the model's chat template (RE-Adapt, Appendix B): the instruction as a "
+                        "system turn (Llama-3), or everything in one user turn (Gemma, Mistral); auto: system "
+                        "where the template takes a system role")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--seq-len", type=int, default=256)
     s.add_argument("--batch-size", type=int, default=4)
@@ -303,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--linear-only", action="store_true", help="keep only the linear layers' matrices")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_diff)
-    s = sub.add_parser("truncate", help="LoRE-Adapter: per-matrix truncated SVD of an RE-Adapter, as PEFT LoRA")
+    s = sub.add_parser("truncate", help="LoRE-Adapter: per-matrix truncated SVD of an RE-Adapter, as PEFT LoRA "
+                       "(embedding, head and norm deltas kept as modules_to_save)")
     s.add_argument("--delta", required=True, help="an RE-Adapter directory (fa-jax diff) or a PEFT LoRA directory")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--tau", type=float, help="explained-variance threshold in (0, 1], e.g. 0.5")
@@ -340,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an RE-Adapter, PEFT LoRA/LoRE directory or fa_jax run, with its scale (default 1)")
     s.add_argument("--out", required=True, help="output HF directory")
     s.add_argument("--dtype", help="storage dtype of the output (default: the base's)")
+    s.add_argument("--tokenizer", metavar="DIR",
+                   help="copy the tokenizer files (tokenizer.json, tokenizer_config.json, chat_template.jinja, "
+                        "generation_config.json, ...) from DIR, e.g. the instruct model's directory, so the merged "
+                        "model has its chat template (default: the base's)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_merge)
     return p

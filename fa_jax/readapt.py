@@ -4,7 +4,7 @@ Host memory stays near the largest tensors in flight, not the model size: each o
 input tensors of the same name when it is written, and only LoRA factors (small) are held whole.
 
     fa-jax diff --base DIR --tuned DIR --out DELTA          # RE-Adapter: tuned - base, as safetensors (HF names)
-    fa-jax truncate --delta DELTA --tau 0.5 --out LORE      # LoRE-Adapter: a PEFT LoRA directory
+    fa-jax truncate --delta DELTA --tau 0.5 --out LORE      # LoRE-Adapter: a PEFT LoRA directory (+ the other deltas)
     fa-jax merge --base DIR --adapter A:0.5 --adapter B:0.5 --out MERGED   # partial adaptation, an HF directory
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fa_jax import lora as lora_lib
 from fa_jax import treemath
 from fa_jax.errors import FaJaxError
 from fa_jax.io import hf, peft
+from fa_jax.io.atomic import atomic_dir
 from fa_jax.tree import flatten
 
 DELTA_META = "readapt.json"
@@ -82,7 +83,13 @@ def _is_delta(path: str) -> bool:
 def truncate(delta_dir: str, out_dir: str, *, tau: float | None = None, rank: int | None = None,
              overwrite: bool = False, plots: bool = True, base_config: str | None = None):
     """LoRE-Adapter: each linear matrix of an RE-Adapter (or PEFT LoRA) directory truncated by SVD, written as a
-    PEFT LoRA directory (per-matrix ranks in rank_pattern). Returns the report of `treemath.truncate`."""
+    PEFT LoRA directory (per-matrix ranks in rank_pattern), with every other non-zero delta kept whole: those of
+    the embeddings, LM head and norms as PEFT modules_to_save (their tuned weights, base + delta, from the base
+    named in the delta's readapt.json), the rest (biases of adapted layers; everything when that base is not
+    there) as float32 deltas in `peft.EXTRA`. A PEFT input's modules_to_save and side file are carried over.
+
+    Returns the report of `treemath.truncate`, its shares counted on this model (`treemath.param_shares`), and
+    "non_matrix": {"modules_to_save": [HF names], "side_file": [HF names], "note": why the base was not used}."""
     if tau is not None and not (0.0 < float(tau) <= 1.0):
         raise FaJaxError(f"truncate: --tau {tau} is outside (0, 1]")
     if rank is not None and int(rank) < 1:
@@ -97,15 +104,19 @@ def truncate(delta_dir: str, out_dir: str, *, tau: float | None = None, rank: in
         if base_config is None:
             raise FaJaxError(f"{delta_dir} is a PEFT adapter: pass --base-config DIR (the base model's config)")
         config = config_lib.load_config(base_config)
-        adapter = peft.load_peft(config, delta_dir)
+        adapter = peft.load_peft(config, delta_dir, warn_non_matrix=False)  # carried over below
         if any(lora_lib.is_dora(ad) for _, ad in lora_lib.iter_modules(adapter)):
             raise FaJaxError(f"{delta_dir} is a DoRA adapter, whose delta depends on the base weights: merge it first "
                              f"(fa-jax merge --base BASE --adapter {delta_dir} --out MERGED), then truncate "
                              f"fa-jax diff --base BASE --tuned MERGED")
         lore, report = treemath.truncate(adapter, tau=tau, rank=rank, keep_non_matrix=False)
+        saved, extra, note = [], [], None
+        for n, (kind, st, key) in peft.non_matrix_tensors(delta_dir).items():
+            (saved if kind == "full" else extra).append((n, st.shape(key), lambda st=st, key=key: st.get(key)))
     else:
         config = config_lib.load_config(delta_dir)
         reader = hf.CheckpointReader(delta_dir)
+        saved, extra, note = _non_matrix(config, reader, delta_dir)  # first: a wrong base fails before the SVDs
         lore_flat, modules = {}, {}
         names = [(p, hf.hf_name(p)) for p, (shape, _) in _linear_specs(config) if hf.hf_name(p) in reader]
         if not names:
@@ -118,20 +129,66 @@ def truncate(delta_dir: str, out_dir: str, *, tau: float | None = None, rank: in
             if "m" in part:
                 for k, v in part["m"].items():
                     lore_flat[f"{module}.{k}"] = np.asarray(v)
-        total = sum(m["params"] for m in modules.values())
-        dense = sum(m["dense_params"] for m in modules.values())
-        report = {"modules": modules, "params": total, "dense_params": dense, "share": total / dense}
+        report = {"modules": modules, "params": sum(m["params"] for m in modules.values()),
+                  "dense_params": sum(m["dense_params"] for m in modules.values())}
         from fa_jax.tree import unflatten
         lore = unflatten(lore_flat)
     if not list(lora_lib.iter_modules(lore)):
         raise FaJaxError(f"truncate: every matrix of {delta_dir} truncated to rank 0 (an all-zero delta?)")
-    peft.save_peft(config, lore, out_dir, overwrite=overwrite,
-                   base_model_name_or_path=_base_of(delta_dir))
-    if plots:
-        report["plots"] = _plots(report, out_dir)
-    with open(os.path.join(out_dir, "lore_report.json"), "w") as f:
-        json.dump(_jsonable(report), f, indent=2)
+    from fa_jax.models.transformer import count_params
+
+    tied_head = peft.HEAD if config.tie_word_embeddings else None  # PEFT saves a tied head twice: count it once
+    kept = sum(int(np.prod(shape)) for n, shape, _ in saved + extra if n != tied_head)
+    report.update(treemath.param_shares(report["params"], report["dense_params"], kept, count_params(config)))
+    report["non_matrix"] = {"modules_to_save": [n for n, _, _ in saved], "side_file": [n for n, _, _ in extra],
+                            "note": note}
+    with atomic_dir(out_dir, overwrite) as tmp:
+        peft.write_peft(config, lore, tmp, base_model_name_or_path=_base_of(delta_dir), modules_to_save=saved,
+                        extra=extra)
+        if plots:
+            report["plots"] = [os.path.join(out_dir, os.path.basename(p)) for p in _plots(report, tmp)]
+        with open(os.path.join(tmp, "lore_report.json"), "w") as f:
+            json.dump(_jsonable(report), f, indent=2)
     return report
+
+
+def _non_matrix(config, reader, delta_dir: str):
+    """(modules_to_save, side file, note) entries for `peft.write_peft` from an RE-Adapter directory's tensors other
+    than the linear matrices; all-zero deltas are left out. A non-linear module's tensor (embeddings, LM head,
+    norms) goes to modules_to_save as base + delta, read from the base named in readapt.json; a bias of an adapted
+    linear layer (PEFT has no place for it), or any tensor when that base is not there, to the side file."""
+    linear = {p[: -len(".kernel")] for p, _ in _linear_specs(config)}
+    matrices = {hf.hf_name(p) for p, _ in _linear_specs(config)}
+    names = [n for n in reader.names() if n not in matrices
+             and any(b.any() for b in (reader.get_rows(n, i, j) for i, j in _row_blocks(reader.shape(n))))]
+    base, note = None, None
+    if any(n.rsplit(".", 1)[0] not in linear for n in names):
+        base, note = _base_reader(config, delta_dir)
+    saved, extra = [], []
+    for n in names:
+        shape = tuple(reader.shape(n))
+        if base is not None and n.rsplit(".", 1)[0] not in linear:
+            saved.append((n, shape, lambda n=n, shape=shape: (
+                base.get_rows(n, i, j).astype(np.float32) + reader.get_rows(n, i, j).astype(np.float32)
+                for i, j in _row_blocks(shape))))
+        else:
+            extra.append((n, shape, lambda n=n, shape=shape: (
+                reader.get_rows(n, i, j).astype(np.float32) for i, j in _row_blocks(shape))))
+    return saved, extra, note
+
+
+def _base_reader(config, delta_dir: str):
+    """(reader of the base model named in the delta's readapt.json, None), or (None, a note why there is none)."""
+    base = _base_of(delta_dir)
+    if base is None or not os.path.isdir(base):
+        where = f"its base {base} is not there" if base else f"{delta_dir} names no base ({DELTA_META})"
+        return None, (f"{where}: the embedding, LM head and norm deltas went to {peft.EXTRA} instead of PEFT "
+                      f"modules_to_save (fa-jax merge applies them; PEFT does not load that file)")
+    bcfg, reader, _ = _open_model(base, "base")
+    if bcfg != config:
+        raise FaJaxError(f"truncate: the base {base} named in {os.path.join(delta_dir, DELTA_META)} has a different "
+                         f"architecture than the delta")
+    return reader, None
 
 
 def _linear_specs(config):
@@ -143,7 +200,8 @@ def _linear_specs(config):
 def _base_of(delta_dir: str):
     meta = os.path.join(delta_dir, DELTA_META)
     if os.path.exists(meta):
-        return json.load(open(meta)).get("base")
+        with open(meta) as f:
+            return json.load(f).get("base")
     return None
 
 
@@ -164,12 +222,13 @@ def _plots(report, out_dir: str) -> list[str]:
     p1 = treemath.plot_explained_variance(report, os.path.join(out_dir, "explained_variance.png"))
     spectra = {k: (np.asarray(v["spectrum"]), tuple(v["shape"])) for k, v in report["modules"].items()}
     taus = np.linspace(0.05, 1.0, 20)
-    share = treemath.param_share_curve(spectra, taus)
+    share = treemath.param_share_curve(spectra, taus, report["non_matrix_params"], report["model_params"])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(taus, np.asarray(share) * 100, marker=".")
     ax.set_xlabel("tau (explained variance kept)")
-    ax.set_ylabel("LoRE parameters, % of the dense matrices")
-    ax.set_yscale("log")
+    ax.set_ylabel(f"LoRE-Adapter parameters, % of the model's {report['model_params']:,}")
+    ax.set_title("share of the whole model's parameters (RE-Adapt Fig. 3)", fontsize=10)
+    ax.set_ylim(0, max(100.0, 105 * max(share)))  # above 100% where full-rank factors outgrow the matrices
     ax.grid(alpha=0.3)
     fig.tight_layout()
     p2 = os.path.join(out_dir, "param_share_vs_tau.png")
@@ -187,8 +246,11 @@ def rank_table(report, limit: int = 12) -> str:
         rows.append(f"{name:<48} {m['shape'][0]:>6}x{m['shape'][1]:<6} {m['rank']:>6} {m['explained']:>9.3f}")
     if len(mods) > limit:
         rows.append(f"... {len(mods) - limit} more (lore_report.json has all)")
-    rows.append(f"LoRE parameters: {report['params']:,} = {100 * report['share']:.2f}% of the "
-                f"{report['dense_params']:,} dense matrix parameters")
+    kept = report["non_matrix_params"]
+    rows.append(f"LoRE parameters: {report['params'] + kept:,} = {100 * report['share_of_model']:.2f}% of the model's "
+                f"{report['model_params']:,} (share_of_model; {kept:,} of them kept non-matrix deltas)")
+    rows.append(f"linear layers: {report['params']:,} = {100 * report['share_of_linear']:.2f}% of their "
+                f"{report['dense_params']:,} dense matrix parameters (share_of_linear)")
     return "\n".join(rows)
 
 
@@ -198,7 +260,7 @@ def load_adapter(path: str, config):
     if not os.path.exists(path):
         raise FaJaxError(f"adapter {path}: no such directory")
     if _is_peft(path):
-        return "lora", peft.load_peft(config, path)
+        return "lora", peft.load_peft(config, path, warn_non_matrix=False)  # merge applies the rest itself
     if os.path.exists(os.path.join(path, "adapter_peft", peft.CONFIG)):  # a fa_jax pretrain run directory
         run = os.path.join(path, "config.json")
         keep = json.load(open(run)).get("model", {}).get("keep_layers") if os.path.exists(run) else None
@@ -214,6 +276,23 @@ def load_adapter(path: str, config):
             raise FaJaxError(f"adapter {path}: made for a different architecture than the base")
         return "dense", hf.CheckpointReader(path)
     raise FaJaxError(f"adapter {path}: not a PEFT adapter, an RE-Adapter (fa-jax diff) or a fa_jax run directory")
+
+
+def _non_matrix_of(path: str, config, base_names, reader) -> dict:
+    """A PEFT adapter directory's modules_to_save weights and side-file deltas (`peft.non_matrix_tensors`), checked
+    against the base's tensors; {} for other adapters."""
+    if not _is_peft(path):
+        return {}
+    out = peft.non_matrix_tensors(path)
+    if config.tie_word_embeddings and peft.EMBED in out:
+        out.pop(peft.HEAD, None)  # PEFT's second copy of the tied embedding
+    for n, (kind, st, key) in out.items():
+        where = f"{path}: {'modules_to_save' if kind == 'full' else peft.EXTRA} tensor {n}"
+        if n not in base_names:
+            raise FaJaxError(f"adapter {where} is not a tensor of the base model")
+        if tuple(st.shape(key)) != tuple(reader.shape(n)):
+            raise FaJaxError(f"adapter {where} has shape {list(st.shape(key))}, the base's is {list(reader.shape(n))}")
+    return out
 
 
 def run_config_of(run_dir: str):
@@ -255,17 +334,22 @@ def run_adapters(run_dir: str, config, allow_pruned: bool = False):
 
 
 def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dtype=None, max_shard_size="5GB",
-          tokenizer: bool = True) -> str:
+          tokenizer: bool = True, tokenizer_dir: str | None = None) -> str:
     """W = base + sum(scale_i * delta_i), tensor by tensor, as an HF directory transformers loads.
 
     adapters: [(path, scale), ...]; each a dense RE-Adapter, a PEFT LoRA/DoRA/LoRE directory or a fa_jax run.
     Every delta is taken from the base (a DoRA module's, m * V / ||V|| - W, depends on it), as `treemath.merge`.
+    tokenizer: copy the tokenizer files (`TOKENIZER_FILES`) into out_dir, from `tokenizer_dir` when given (the
+    instruct model's directory: its chat template and end-of-turn token), else from the base.
     """
     if os.path.exists(out_dir) and not overwrite:
         raise FaJaxError(f"{out_dir}: output directory already exists (pass --overwrite)")
+    if tokenizer and tokenizer_dir is not None:
+        check_tokenizer_dir(tokenizer_dir)
     config, reader, names = _open_model(base_dir, "base")
     loaded = [(load_adapter(p, config), float(s)) for p, s in adapters]
     lora_flat = [(flatten(a) if kind == "lora" else None, kind, a, s) for (kind, a), s in loaded]
+    extras = [(_non_matrix_of(p, config, set(names.values()), reader), float(s)) for p, s in adapters]
     out_dt = None if dtype is None else np.dtype(jnp.dtype(dtype))
 
     def fetch(path, name, dt):
@@ -287,6 +371,11 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
                         w = w + s * (v * (mag / np.linalg.norm(v, axis=1))[:, None] - w0)
                     else:
                         w = w + (s * float(flat[f"{m}.scale"])) * (A @ B).T
+            for extra, s in extras:  # a LoRE's kept non-matrix tensors: delta = saved - base, or the side file's
+                if name in extra:
+                    kind, st, key = extra[name]
+                    t = st.get_rows(key, i, j).astype(np.float32)
+                    w = w + s * (t - w0 if kind == "full" else t)
             yield w.astype(dt)
 
     entries = []
@@ -297,14 +386,55 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
     cfg["dtype"] = str(np.dtype(entries[0][2]).name)
     hf.write_dir(out_dir, entries, cfg, None, max_shard_size, overwrite, desc="merge")
     if tokenizer:
-        _copy_tokenizer(base_dir, out_dir)
+        _copy_tokenizer(base_dir if tokenizer_dir is None else tokenizer_dir, out_dir)
     return out_dir
+
+
+# what `merge` copies: the tokenizer (a vocabulary file among the first three), its settings and chat template, and
+# generation_config.json (an instruct model's lists its end-of-turn token among the EOS ids)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+def check_tokenizer_dir(path: str) -> None:
+    """A FaJaxError unless `path` is a directory holding a tokenizer's vocabulary (tokenizer.json, tokenizer.model
+    or vocab.json)."""
+    if not os.path.isdir(path):
+        raise FaJaxError(f"--tokenizer {path}: no such directory")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES[:3]):
+        raise FaJaxError(f"--tokenizer {path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
+                         "give the instruct model's Hugging Face directory")
+
+
+def has_chat_template(path: str) -> bool:
+    """Whether the tokenizer files in `path` carry a chat template (chat_template.jinja / .json, or a
+    "chat_template" in tokenizer_config.json)."""
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            return bool(json.load(f).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def tuned_of(adapters) -> str | None:
+    """The instruct model an RE-Adapter among `adapters` ([(path, scale), ...]) was taken from (its readapt.json)."""
+    for path, _ in adapters:
+        try:
+            with open(os.path.join(path, DELTA_META)) as f:
+                tuned = json.load(f).get("tuned")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if tuned:
+            return tuned
+    return None
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:
     import shutil
 
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "generation_config.json", "chat_template.jinja"):
+    for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))

@@ -106,7 +106,11 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
     its dense delta m * V / ||V||_c - W (generally full rank) is decomposed like a dense matrix.
 
     report: {"modules": {path: {"rank", "full_rank", "shape", "explained", "params", "dense_params", "spectrum"}},
-             "params": total LoRA params, "dense_params": total of the dense matrices, "share": their ratio}.
+             "params": total LoRA params, "dense_params": total of the dense matrices,
+             "non_matrix_params": the kept non-matrix leaves' size (0 unless `keep_non_matrix`),
+             "model_params": the whole model's (`base`'s parameters when given, else the delta tree's dense size,
+             the model's own for a full difference), "share_of_model": (params + non_matrix_params) / model_params
+             (RE-Adapt's Figure 3 share), "share_of_linear": params / dense_params}.
     """
     if (tau is None) == (rank is None):
         raise FaJaxError("truncate: give exactly one of tau or rank")
@@ -135,13 +139,16 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
             continue
         u, s, vt = lowrank_svd(ad["lora_A"] * ad["scale"].astype(jnp.float32), ad["lora_B"])
         svds[path] = (u, s, vt)
+    non_matrix = 0
     for p, x in flat.items():
         if p in lora_leaves:
             continue
         if _is_matrix(p, x):
             dense_groups.setdefault(tuple(x.shape), []).append(p)
-        elif keep_non_matrix:
-            out[p] = x
+        else:
+            non_matrix += int(np.prod(x.shape))
+            if keep_non_matrix:
+                out[p] = x
     for shape, paths in dense_groups.items():
         if method == "randomized":
             for p in paths:
@@ -168,9 +175,20 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
             a, b = _factors(u, s, vt, k)
             out[f"{path}.lora_A"], out[f"{path}.lora_B"] = a, b
             out[f"{path}.scale"] = jnp.ones((), jnp.float32)
-    report = {"modules": modules, "params": total, "dense_params": dense_total,
-              "share": total / dense_total if dense_total else 0.0}
+    model = (sum(int(np.prod(x.shape)) for x in flatten(base).values()) if base is not None
+             else dense_total + non_matrix)
+    report = {"modules": modules, **param_shares(total, dense_total, non_matrix if keep_non_matrix else 0, model)}
     return unflatten(out), report
+
+
+def param_shares(params: int, dense_params: int, non_matrix_params: int, model_params: int) -> dict:
+    """The parameter counts of a LoRE-Adapter and its two shares: of the whole model (RE-Adapt counts this one:
+    LoRA factors plus the kept non-matrix deltas, over every parameter of the model) and of the linear layers
+    (LoRA factors over the dense matrices they replace)."""
+    return {"params": int(params), "dense_params": int(dense_params), "non_matrix_params": int(non_matrix_params),
+            "model_params": int(model_params),
+            "share_of_model": (params + non_matrix_params) / model_params if model_params else 0.0,
+            "share_of_linear": params / dense_params if dense_params else 0.0}
 
 
 def _module_delta(path: str, ad, base, caller: str):
@@ -301,10 +319,12 @@ def plot_explained_variance(report, path: str, modules=None, taus=(0.25, 0.5, 0.
     return path
 
 
-def param_share_curve(spectra: dict, taus) -> list[float]:
-    """LoRE parameter count / dense parameter count for each tau, from {path: (singular values, (I, O))}."""
+def param_share_curve(spectra: dict, taus, fixed: int = 0, total: int | None = None) -> list[float]:
+    """(LoRE parameter count + `fixed`) / `total` for each tau, from {path: (singular values, (I, O))}. By default
+    the share of the dense matrices; `fixed` = kept non-matrix deltas and `total` = the model's parameter count give
+    the share of the whole model (RE-Adapt Figure 3)."""
     out = []
-    dense = sum(i * o for _, (i, o) in spectra.values())
+    total = total or sum(i * o for _, (i, o) in spectra.values())
     for tau in taus:
-        out.append(sum(rank_for_tau(s, tau) * (i + o) for s, (i, o) in spectra.values()) / dense)
+        out.append((sum(rank_for_tau(s, tau) * (i + o) for s, (i, o) in spectra.values()) + fixed) / total)
     return out

@@ -72,9 +72,15 @@ def test_truncate_tau_rule_and_eckart_young(tau):
         err = np.linalg.norm(d - approx)
         np.testing.assert_allclose(err, np.sqrt(np.sum(s[k:] ** 2)), rtol=1e-3, atol=1e-6)
     assert report["params"] == sum(m["rank"] * sum(m["shape"]) for m in report["modules"].values())
-    assert 0 < report["share"] and "model.norm.weight" in flatten(lore)  # non-matrix leaves kept dense
-    dropped, _ = treemath.truncate(delta, tau=tau, keep_non_matrix=False)
+    assert "model.norm.weight" in flatten(lore)  # non-matrix leaves kept dense
+    sizes = {p: x.size for p, x in flatten(base).items()}
+    linear = sum(n for p, n in sizes.items() if p.endswith("_proj.kernel"))
+    kept = sum(sizes.values()) - linear
+    assert report["share_of_model"] == pytest.approx((report["params"] + kept) / sum(sizes.values()), rel=1e-12)
+    assert report["share_of_linear"] == pytest.approx(report["params"] / linear, rel=1e-12)
+    dropped, rep = treemath.truncate(delta, tau=tau, keep_non_matrix=False, base=base)
     assert "model.norm.weight" not in flatten(dropped)
+    assert rep["share_of_model"] == pytest.approx(report["params"] / sum(sizes.values()), rel=1e-12)
 
 
 def test_truncate_rank_and_bad_arguments():

@@ -3,6 +3,12 @@
 PEFT stores, per module, `base_model.model.<module>.lora_A.weight` [R, I] and `...lora_B.weight` [O, R] (torch
 layout); fa_jax keeps A [I, R] and B [R, O]. Per-module ranks and alphas travel in `rank_pattern` / `alpha_pattern`.
 DoRA adapters (`use_dora: true`) add `...<module>.lora_magnitude_vector` [O], fa_jax's `magnitude`.
+
+Non-matrix tensors (a LoRE-Adapter keeps them, `fa-jax truncate`): PEFT's `modules_to_save` modules store their whole
+weight, `base_model.model.<module>.weight` (its delta is that minus the base's); tensors PEFT cannot hold (the
+biases of adapted linear layers) go to fa_jax's side file `lore_extra.safetensors`, float32 deltas under their
+Hugging Face names. `load_peft` returns the LoRA modules only; `non_matrix_tensors` lists the rest (`fa-jax merge`
+applies both).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +33,8 @@ from fa_jax.tree import unflatten
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+EXTRA = "lore_extra.safetensors"  # float32 deltas (HF names) of tensors PEFT cannot hold: W = base + scale * delta
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def _most_common(values):
@@ -53,6 +62,21 @@ def save_peft(config, adapters, out_dir: str, *, use_rslora: bool = False, base_
                              "the per-module adapters (adapters['model']) as two directories")
         return save_peft_prompt(config, adapters, out_dir, base_model_name_or_path=base_model_name_or_path,
                                 dtype=dtype, overwrite=overwrite)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        write_peft(config, adapters, tmp, use_rslora=use_rslora, base_model_name_or_path=base_model_name_or_path,
+                   dtype=dtype)
+    return out_dir
+
+
+def write_peft(config, adapters, directory: str, *, use_rslora: bool = False,
+               base_model_name_or_path: str | None = None, dtype=None, modules_to_save=(), extra=()) -> None:
+    """`save_peft`'s files, written into the existing `directory` (the caller makes it atomic).
+
+    modules_to_save: [(HF tensor name, shape, fetch)], whole trained weights of non-linear modules (embeddings, LM
+    head, norms), stored as PEFT's modules_to_save (with a tied LM head, PEFT's `ensure_weight_tying`).
+    extra: [(HF tensor name, shape, fetch)], float32 deltas for the side file `EXTRA`. fetch: as in
+    `safetensors.write`.
+    """
     modules = list(lora_lib.iter_modules(adapters))
     if not modules:
         raise FaJaxError("save_peft: the adapter tree holds no LoRA module (expected lora_A/lora_B/scale leaves)")
@@ -89,6 +113,16 @@ def save_peft(config, adapters, out_dir: str, *, use_rslora: bool = False, base_
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "inference_mode": True, "base_model_name_or_path": base_model_name_or_path, "revision": None,
     }
+    saved = {n: (shape, fetch) for n, shape, fetch in modules_to_save}
+    tied = config.tie_word_embeddings and EMBED in saved
+    if tied:  # PEFT ties the LM head to the saved embedding, and wants it saved under both names
+        saved[HEAD] = saved[EMBED]
+        cfg["ensure_weight_tying"] = True
+    for name in saved:
+        if name.rsplit(".", 1)[0] in known:
+            raise FaJaxError(f"save_peft: {name} belongs to a LoRA-adapted linear layer; PEFT cannot also save it")
+    if saved:  # full module paths: PEFT matches entries by suffix, so a short name such as "norm" would catch others
+        cfg["modules_to_save"] = sorted({n.rsplit(".", 1)[0] for n in saved} - ({"lm_head"} if tied else set()))
     out_dt = lambda a: np.dtype(jnp.dtype(dtype or a.dtype))
     entries = []
     for path, ad in modules:
@@ -101,11 +135,13 @@ def save_peft(config, adapters, out_dir: str, *, use_rslora: bool = False, base_
             m = ad["magnitude"]
             entries.append((f"{PREFIX}{path}.lora_magnitude_vector", tuple(m.shape), out_dt(m),
                             lambda m=m: np.asarray(jax.device_get(m))))
-    with atomic_dir(out_dir, overwrite) as tmp:
-        write(os.path.join(tmp, WEIGHTS), entries, metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG), "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-    return out_dir
+    entries += [(f"{PREFIX}{n}", tuple(shape), np.float32, fetch) for n, (shape, fetch) in sorted(saved.items())]
+    write(os.path.join(directory, WEIGHTS), entries, metadata={"format": "pt"})
+    if extra:
+        write(os.path.join(directory, EXTRA), [(n, tuple(shape), np.float32, fetch) for n, shape, fetch in extra],
+              metadata={"format": "pt", "fa_jax": "LoRE-Adapter deltas PEFT cannot hold: W = base + scale * delta"})
+    with open(os.path.join(directory, CONFIG), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
 
 
 def _pattern_value(pattern: dict, path: str, default):
@@ -140,9 +176,41 @@ def weights_file(in_dir: str) -> str:
     return wf
 
 
-def load_peft(config, in_dir: str, dtype=jnp.float32):
+_LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight")
+_DORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_magnitude_vector)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?")
+
+
+def non_matrix_tensors(in_dir: str, cfg: dict | None = None) -> dict[str, tuple[str, SafetensorsFile, str]]:
+    """{HF tensor name: (kind, file, key in file)} of a PEFT directory's tensors that are not LoRA factors: kind
+    "full" for modules_to_save weights (the module's whole trained tensor, delta = it - base), "delta" for the
+    side file `EXTRA` (float32 deltas). Empty for a plain LoRA directory."""
+    cfg = read_adapter_config(in_dir) if cfg is None else cfg
+    out = {}
+    saved = cfg.get("modules_to_save") or []
+    if saved:
+        st = SafetensorsFile(weights_file(in_dir))
+        names = {k: k[len(PREFIX):] if k.startswith(PREFIX) else k
+                 for k in st.keys() if not (_LORA_KEY.fullmatch(k) or _DORA_KEY.fullmatch(k))}
+        tied = cfg.get("ensure_weight_tying") and EMBED in names.values()
+        for key, name in names.items():
+            module = name.rsplit(".", 1)[0]
+            if any(module.endswith(m) for m in saved) or (tied and name == HEAD):  # PEFT's suffix rule
+                out[name] = ("full", st, key)
+    side = os.path.join(in_dir, EXTRA)
+    if os.path.exists(side):
+        st = SafetensorsFile(side)
+        for key in st.keys():
+            if key in out:
+                raise FaJaxError(f"{side}: tensor {key!r} is also a modules_to_save weight of {WEIGHTS}")
+            out[key] = ("delta", st, key)
+    return out
+
+
+def load_peft(config, in_dir: str, dtype=jnp.float32, warn_non_matrix: bool = True):
     """A LoRA tree from a PEFT directory (any PEFT LoRA adapter for a supported architecture). A DoRA adapter
-    (`use_dora: true`) gives DoRA modules, with `magnitude` [O] float32."""
+    (`use_dora: true`) gives DoRA modules, with `magnitude` [O] float32. Non-matrix tensors (modules_to_save, the
+    side file of a LoRE-Adapter: `non_matrix_tensors`) are not part of the tree; a warning says so unless
+    `warn_non_matrix` is False (for callers that apply them themselves, as `fa-jax merge`)."""
     cfg = read_adapter_config(in_dir)
     f = os.path.join(in_dir, CONFIG)
     if cfg.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):  # {"prompt_tuning"/"prefix_tuning": ...}
@@ -154,17 +222,21 @@ def load_peft(config, in_dir: str, dtype=jnp.float32):
     for key, ok, why in (("fan_in_fan_out", False, "fan_in_fan_out layouts"), ("bias", "none", "trained biases")):
         if cfg.get(key, ok) not in (ok, None):
             raise FaJaxError(f"{f}: {key}={cfg[key]!r}: {why} are not supported by load_peft")
-    if cfg.get("modules_to_save"):
-        raise FaJaxError(f"{f}: modules_to_save={cfg['modules_to_save']!r}: fully trained modules are not supported")
     wf = weights_file(in_dir)
+    extras = non_matrix_tensors(in_dir, cfg)
+    if extras and warn_non_matrix:
+        warnings.warn(f"{in_dir}: {len(extras)} non-matrix tensor(s) (modules_to_save / {EXTRA}, e.g. "
+                      f"{next(iter(extras))}) are not in the LoRA tree load_peft returns; fa-jax merge applies them",
+                      stacklevel=2)
+    full_keys = {key for kind, _, key in extras.values() if kind == "full"}
     st = SafetensorsFile(wf)
     known = dict(linear_modules(config))
     use_dora = bool(cfg.get("use_dora", False))
     pairs: dict[str, dict[str, str]] = {}
     for name in st.keys():
-        m = (re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight", name)
-             or re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_magnitude_vector)(?:\.[A-Za-z0-9_]+)?"
-                             r"(?:\.weight)?", name))
+        if name in full_keys:
+            continue
+        m = _LORA_KEY.fullmatch(name) or _DORA_KEY.fullmatch(name)
         if not m:
             raise FaJaxError(f"{wf}: tensor {name!r} is not a LoRA A/B weight (or DoRA magnitude) of a linear layer")
         if m.group(2) == "lora_magnitude_vector" and not use_dora:
