@@ -1,46 +1,96 @@
 """The seed's ablation at small scale: does a foundation adapter trained with KD + LM recover a pruned student?
 
     results = run_ablation("data/text/jargon.txt", "runs/demo")          # what `bash scripts/demo.sh` runs
+    results = run_ablation(text, out, seeds=(0, 1, 2), keep_layers=[0, 1, 2, 3, 4, 5])   # several seeds, first 6 layers
 
-The student is the teacher with layers removed (`keep_layers`, every other one by default), frozen, with LoRA on
-its linear layers. Four models are compared on held-out documents (split off by document, never trained on):
+The student is the teacher with layers removed (`keep_layers`: "every_other", the default; None, all of them, which
+makes sense with a separate, smaller `student` model; or a list of layer indices, e.g. the first k), frozen, with
+LoRA on its linear layers. Four models are compared on held-out documents (split off by document with `split_seed`,
+never trained on, the same documents for every seed):
 
 - (a) the pruned student alone,
 - (b) + an adapter trained with the language-modelling loss only (continued pre-training, alpha = 0),
 - (c) + an adapter trained with KD + LM (alpha = 0.5, the seed's setting),
 - the teacher itself,
 
-by held-out perplexity, KL(teacher || student) per token and teacher-student top-1 agreement
-(`evaluate.TeacherReference`: the teacher runs once). Then the KD adapter is merged into the student at partial
-scales (`treemath.merge`, W = W_student + s * scale * A @ B for s in 0 .. 1) with the same metrics, and its LoRE
-spectrum is taken (`treemath.truncate`: how much of each matrix's update a smaller rank explains); the LoRE at the
-first tau is scored too. Everything lands in `out_dir`: results.json, training_curves.png, ablation.png,
-partial_adaptation.png, lore_spectrum.png, and the two runs' own directories (cpt/, kd/ with metrics, checkpoint and
-the PEFT export).
+by held-out perplexity, KL(teacher || student) per token and teacher-student top-1 agreement, every held-out
+document scored whole and on its own (`evaluate.TeacherReference` with per_document: documents packed into rows as
+separate segments, a document over `seq_len` tokens cut every `seq_len` tokens; the teacher run once, its hidden
+states kept), with a 95% bootstrap interval over documents for the per-token NLL and paired bootstrap intervals for the
+NLL differences KD - CPT, CPT - pruned and KD - pruned (`fa_jax.stats`, documents weighted by their tokens). A third
+metric neither loss optimises: a 4-way multiple-choice test from the held-out Jargon File glossary entries ("which
+term does this definition belong to", `fa_jax.jargon`, scored by log-likelihood with `evaluate.MultipleChoice`),
+accuracy with a bootstrap interval over items (chance 0.25); skipped with a note when the text has no glossary
+entries whose definition is held out.
 
-The pieces are public so a notebook can run them one at a time: `prepare`, `train_adapter`, `score`,
-`partial_adaptation`, `lore_spectrum`, the `plot_*` functions and `format_table`.
+Each seed in `seeds` trains both adapters anew (the seed draws the adapter init and the data order); the held-out
+documents, the multiple-choice items and the teacher's pass stay fixed, and the seed-independent rows (the pruned
+student, the teacher) are scored once. results.json holds every seed's table with its intervals and the aggregate
+(mean and standard deviation across seeds of every table metric); predictions.json the per-document sums (NLL, KL,
+agreement, tokens) of every model and seed and the option log-likelihoods, chosen and right option of every
+multiple-choice item, from which every number of the table can be recomputed; results.md the table.
+
+Then the first seed's KD adapter is merged into the student at partial scales (`treemath.merge`, W = W_student +
+s * scale * A @ B for s in 0 .. 1) and its LoRE spectrum is taken (`treemath.truncate`: how much of each matrix's
+update a smaller rank explains); the LoRE at the first tau is scored too. These are scored on a spread-out part of
+the held-out rows (`TeacherReference.subset`, about `sweep_rows` x `seq_len` tokens) to keep the run short.
+Everything lands in `out_dir`: results.json, results.md, predictions.json, training_curves.png, ablation.png,
+partial_adaptation.png, lore_spectrum.png, and per seed the two runs' own directories (seed<N>/cpt, seed<N>/kd with
+metrics, checkpoint and the PEFT export).
+
+The pieces are public so a notebook can run them one at a time: `prepare`, `train_adapter`, `reference`, `score`,
+`glossary_items`, `mc_scorer`, `score_mc`, `model_row`, `partial_adaptation`, `lore_spectrum`, the `plot_*` functions,
+`format_table` and `format_markdown`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fa_jax import lora, run_config, treemath
+from fa_jax import jargon, lora, run_config, stats, treemath
 from fa_jax import sharding as sh
 from fa_jax.errors import FaJaxError
 from fa_jax.io.atomic import write_text
 
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 TAUS = (0.5, 0.75, 0.9)
+MC_OPTIONS = 4
+LORA_ALPHA = 16.0
+
+
+def parse_keep_layers(value):
+    """--keep-layers as `prepare` takes it: "every_other", "none" (None: every layer) or "i,j,..." (a list)."""
+    text = str(value).strip()
+    if text in ("every_other", "none"):
+        return None if text == "none" else text
+    try:
+        keep = [int(i) for i in text.split(",")]
+    except ValueError:
+        keep = []
+    if not keep or any(i < 0 for i in keep):
+        raise FaJaxError(f"keep_layers={value!r}: expected 'every_other', 'none' or layer indices such as 0,1,2,3")
+    return keep
+
+
+def parse_seeds(value) -> list[int]:
+    """--seeds "0,1,2" as a list of distinct integers >= 0."""
+    try:
+        seeds = [int(s) for s in str(value).split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise FaJaxError(f"seeds={value!r}: expected distinct integers >= 0 separated by commas, such as 0,1,2")
+    return seeds
 
 
 @dataclasses.dataclass
@@ -58,13 +108,15 @@ class Setup:
     held_out_docs: object
     teacher_path: str
     keep_layers: object
+    student_path: str | None = None
 
 
-def prepare(text, *, teacher: str = "embedded:smollm2-135m-instruct", keep_layers="every_other",
-            held_out_fraction: float = 0.05, seed: int = 0, mesh_shape=(-1, 1, 1), text_split: str = "paragraph",
-            min_words: int = 20, dtype: str = "float32") -> Setup:
-    """Load the teacher, prune it into the student, and split `text` (any `data.load_documents` source) into train
-    and held-out documents (`data.split_documents`, by document).
+def prepare(text, *, teacher: str = "embedded:smollm2-135m-instruct", student: str | None = None,
+            keep_layers="every_other", held_out_fraction: float = 0.05, seed: int = 0, mesh_shape=(-1, 1, 1),
+            text_split: str = "paragraph", min_words: int = 20, dtype: str = "float32") -> Setup:
+    """Load the teacher, make the student (`student`, default the teacher's weights, with the layers `keep_layers`
+    kept), and split `text` (any `data.load_documents` source) into train and held-out documents
+    (`data.split_documents`, by document, with `seed`: keep it fixed and the held-out documents never change).
 
     Documents are unwrapped (every run of whitespace becomes one space: hard-wrapped, indented text files would
     otherwise spend much of the loss on predicting line breaks and indentation) and those under `min_words` words
@@ -78,8 +130,8 @@ def prepare(text, *, teacher: str = "embedded:smollm2-135m-instruct", keep_layer
     mesh = sh.make_mesh(list(mesh_shape))
     rules = sh.DEFAULT_RULES
     cfg = run_config.wrap(run_config.merge(train.pretrain_defaults(), {
-        "model": {"teacher": teacher, "keep_layers": keep_layers, "dtype": dtype}}, "ablation"))
-    teacher_cfg, teacher_params, student_cfg, student, tokenizer = train.load_models(cfg, mesh, rules)
+        "model": {"teacher": teacher, "student": student, "keep_layers": keep_layers, "dtype": dtype}}, "ablation"))
+    teacher_cfg, teacher_params, student_cfg, student_params, tokenizer = train.load_models(cfg, mesh, rules)
     docs = data_lib.load_documents(text, split=text_split)
     docs = docs.map(lambda d: {"text": " ".join(d["text"].split())}, desc="unwrap")
     docs = docs.filter(lambda d: len(d["text"].split()) >= int(min_words), desc=f"keep {min_words}+ words")
@@ -87,17 +139,17 @@ def prepare(text, *, teacher: str = "embedded:smollm2-135m-instruct", keep_layer
         raise FaJaxError(f"text={text!r}: {len(docs)} paragraphs of {min_words}+ words; the ablation needs prose to "
                          "train on and to hold out (lower min_words or give a longer text)")
     train_docs, held_out = data_lib.split_documents(docs, held_out_fraction, seed=seed)
-    return Setup(mesh, rules, teacher_cfg, teacher_params, student_cfg, student, tokenizer, train_docs, held_out,
-                 teacher, keep_layers)
+    return Setup(mesh, rules, teacher_cfg, teacher_params, student_cfg, student_params, tokenizer, train_docs,
+                 held_out, teacher, keep_layers, student)
 
 
 def train_adapter(setup: Setup, out_dir: str, *, alpha: float, steps: int = 60, lr: float = 2e-3,
-                  warmup_steps: int = 5, rank: int = 8, lora_alpha: float = 16.0, targets="all-linear",
+                  warmup_steps: int = 5, rank: int = 8, lora_alpha: float = LORA_ALPHA, targets="all-linear",
                   seq_len: int = 256, batch_size: int = 4, temperature: float = 1.0, chunk_size: int = 64,
                   remat: str | None = "full", seed: int = 0, log_every: int = 10):
     """Train one adapter on the student with L = alpha * KD + (1 - alpha) * LM (alpha 0: no teacher in the step);
     returns (adapters, summary of `train.train_loop`). `out_dir` is this run's own directory: a previous run there
-    is replaced."""
+    is replaced. `seed` draws the adapter's init and the order of the training rows."""
     from fa_jax import train
 
     if os.path.isdir(out_dir):
@@ -105,7 +157,8 @@ def train_adapter(setup: Setup, out_dir: str, *, alpha: float, steps: int = 60, 
             raise FaJaxError(f"{out_dir}: exists and is not a training run; choose another out_dir")
         shutil.rmtree(out_dir)
     cfg = run_config.wrap(run_config.merge(train.pretrain_defaults(), {
-        "model": {"teacher": setup.teacher_path, "keep_layers": setup.keep_layers, "remat": remat},
+        "model": {"teacher": setup.teacher_path, "student": setup.student_path, "keep_layers": setup.keep_layers,
+                  "remat": remat},
         "adapter": {"rank": rank, "alpha": lora_alpha, "targets": targets},
         "loss": {"alpha": alpha, "temperature": temperature, "chunk_size": chunk_size},
         "data": {"train": "(documents of the ablation)", "seq_len": seq_len, "batch_size": batch_size, "seed": seed},
@@ -122,38 +175,56 @@ def train_adapter(setup: Setup, out_dir: str, *, alpha: float, steps: int = 60, 
     teacher_cfg, teacher = (setup.teacher_cfg, setup.teacher) if alpha > 0 else (None, None)
     summary = train.train_loop(cfg, setup.mesh, setup.rules, out_dir,
                                (teacher_cfg, teacher, setup.student_cfg, setup.student), batches,
-                               desc=f"train alpha={alpha:g}")
+                               desc=f"train alpha={alpha:g} seed {seed}")
     return summary.pop("adapters"), summary
 
 
 def reference(setup: Setup, *, seq_len: int = 256, batch_size: int = 4, max_rows: int | None = 16,
-              temperature: float = 1.0, chunk_size: int = 64):
-    """The teacher's pass over the held-out documents (`evaluate.TeacherReference`)."""
+              per_document: bool = False, temperature: float = 1.0, chunk_size: int = 64):
+    """The teacher's pass over the held-out documents (`evaluate.TeacherReference`): the first `max_rows` packed
+    rows, or with per_document every document whole, in rows of its own (max_rows None)."""
     from fa_jax.evaluate import TeacherReference
 
     return TeacherReference(setup.teacher_cfg, setup.teacher, setup.tokenizer, setup.held_out_docs, seq_len=seq_len,
-                            batch_size=batch_size, max_rows=max_rows, temperature=temperature,
-                            chunk_size=chunk_size)
+                            batch_size=batch_size, max_rows=None if per_document else max_rows,
+                            temperature=temperature, chunk_size=chunk_size, per_document=per_document)
 
 
 def score(setup: Setup, ref, adapters=None, params=None) -> dict:
-    """{"perplexity", "kl", "top1_agreement", "nll", "tokens"} of the student (or `params`, a merged student)."""
+    """{"perplexity", "kl", "top1_agreement", "nll", "tokens"} of the student (or `params`, a merged student);
+    with a per-document reference also "per_document" ({"nll_sum", "kl_sum", "agreement_sum", "tokens"})."""
     out = ref.score(setup.student_cfg, setup.student if params is None else params, adapters=adapters)
-    return {"perplexity": out["perplexity"], "kl": out["kl"], "top1_agreement": out["top1_agreement"],
-            "nll": out["student_nll"], "tokens": out["tokens"]}
+    row = {"perplexity": out["perplexity"], "kl": out["kl"], "top1_agreement": out["top1_agreement"],
+           "nll": out["student_nll"], "tokens": out["tokens"]}
+    if "per_document" in out:
+        row["per_document"] = out["per_document"]
+    return row
 
 
 def teacher_row(ref) -> dict:
     t = ref.teacher_metrics
-    return {"perplexity": t["perplexity"], "kl": 0.0, "top1_agreement": 1.0, "nll": t["nll"], "tokens": t["tokens"]}
+    row = {"perplexity": t["perplexity"], "kl": 0.0, "top1_agreement": 1.0, "nll": t["nll"], "tokens": t["tokens"]}
+    if ref.teacher_documents is not None:
+        d = ref.teacher_documents
+        row["per_document"] = {"nll_sum": d["nll_sum"], "kl_sum": np.zeros_like(d["nll_sum"]),
+                               "agreement_sum": d["tokens"].astype(np.float64), "tokens": d["tokens"]}
+    return row
+
+
+def _plain(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "per_document"}
 
 
 def partial_adaptation(setup: Setup, ref, adapters, scales=SCALES) -> list[dict]:
     """Score W = W_student + s * (adapter's delta) for each s, merged into dense weights by `treemath.merge`."""
+    # A zero adapter adds nothing; with it and the student's own shardings the step compiled for scoring the
+    # adapters serves the merged weights too.
+    zero = jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding), adapters)
     out = []
     for s in tqdm(scales, desc="partial adaptation", unit="scale", leave=False):
-        merged = treemath.merge(setup.student, [(adapters, float(s))])
-        out.append({"scale": float(s), **score(setup, ref, params=merged)})
+        merged = jax.tree.map(lambda m, w: jax.device_put(m, w.sharding),
+                              treemath.merge(setup.student, [(adapters, float(s))]), setup.student)
+        out.append({"scale": float(s), **_plain(score(setup, ref, adapters=zero, params=merged))})
         del merged
     return out
 
@@ -176,9 +247,102 @@ def lore_spectrum(adapters, taus=TAUS) -> tuple[dict, dict]:
     return {"taus": per_tau, "lora_params": lora_params, "modules": len(spectra), "spectra": spectra}, report
 
 
+# ------------------------------------------------------------------------------------------- multiple choice
+
+
+def glossary_items(setup: Setup, text, *, max_items: int | None = 100, seed: int = 0) -> tuple[list[dict], str | None]:
+    """(items, None), the multiple-choice items of the held-out glossary entries of `text` (`jargon` module), or
+    ([], why there are none)."""
+    if not (isinstance(text, str) and os.path.isfile(text)):
+        return [], "multiple-choice test skipped: the text is not one Jargon File (no glossary entries to ask about)"
+    entries = jargon.glossary_entries(text)
+    if not entries:
+        return [], f"multiple-choice test skipped: {os.path.basename(text)} has no Jargon File glossary entries"
+    items = jargon.multiple_choice_items(entries, setup.held_out_docs["text"], setup.train_docs["text"],
+                                         max_items=max_items, n_options=MC_OPTIONS, seed=seed)
+    if not items:
+        return [], "multiple-choice test skipped: no glossary entry's definition paragraph is a held-out document"
+    return items, None
+
+
+def mc_scorer(setup: Setup, items: list[dict], batch_size: int = 16):
+    """`evaluate.MultipleChoice` over the items: each option scored as the continuation term + closing quote."""
+    from fa_jax.evaluate import MultipleChoice
+
+    return MultipleChoice(setup.tokenizer, [it["prompt"] for it in items],
+                          [[o + jargon.MC_CLOSE for o in it["options"]] for it in items], batch_size=batch_size)
+
+
+def score_mc(scorer, items: list[dict], config, params, adapters=None) -> dict:
+    """Per item: "logprob" and "tokens" of each option, "chosen" (argmax of the summed log-likelihood),
+    "chosen_per_token" (argmax per token), "answer" (the right option) and "correct" (chosen == answer)."""
+    out = scorer.score(config, params, adapters=adapters)
+    answer = np.array([it["answer"] for it in items], np.int64)
+    chosen = np.argmax(out["logprob"], axis=1)
+    return {"logprob": out["logprob"], "tokens": out["tokens"], "chosen": chosen,
+            "chosen_per_token": np.argmax(out["logprob"] / out["tokens"], axis=1), "answer": answer,
+            "correct": (chosen == answer).astype(np.float64)}
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def model_row(per_document: dict, mc: dict | None = None, **bootstrap_kw) -> dict:
+    """One model's table row from its per-document sums (and multiple-choice scores): "nll" (per token), its
+    bootstrap interval "nll_ci" over documents (weights: tokens), "perplexity", "kl", "top1_agreement", "tokens",
+    "documents", and "mc_accuracy" (an interval over items) and "mc_accuracy_per_token" where there is a test."""
+    t = np.asarray(per_document["tokens"])
+    keep = t > 0
+    n = float(t.sum())
+    nll = float(np.sum(per_document["nll_sum"]) / n)
+    row = {"nll": nll, "perplexity": math.exp(nll), "kl": float(np.sum(per_document["kl_sum"]) / n),
+           "top1_agreement": float(np.sum(per_document["agreement_sum"]) / n), "tokens": int(n),
+           "documents": int(keep.sum()),
+           "nll_ci": stats.bootstrap(np.asarray(per_document["nll_sum"])[keep], weights=t[keep], **bootstrap_kw)}
+    if mc is not None:
+        row["mc_accuracy"] = stats.bootstrap(mc["correct"], **bootstrap_kw)
+        row["mc_accuracy_per_token"] = float(np.mean(mc["chosen_per_token"] == mc["answer"]))
+    return row
+
+
+def differences(per_document: dict, pairs, **bootstrap_kw) -> dict:
+    """{"A - B": paired bootstrap of the per-token NLL difference over documents} for each (label, A, B) in
+    pairs, A and B naming entries of `per_document` ({model: per-document sums})."""
+    out = {}
+    for label, a, b in pairs:
+        t = np.asarray(per_document[a]["tokens"])
+        if not np.array_equal(t, per_document[b]["tokens"]):
+            raise FaJaxError(f"{a} and {b} were scored on different tokens; a paired comparison needs the same")
+        keep = t > 0
+        out[label] = stats.paired_bootstrap(np.asarray(per_document[a]["nll_sum"])[keep],
+                                            np.asarray(per_document[b]["nll_sum"])[keep], weights=t[keep],
+                                            **bootstrap_kw)
+    return out
+
+
+TABLE_METRICS = ("nll", "perplexity", "kl", "top1_agreement", "mc_accuracy")
+
+
+def _value(x):
+    return x["estimate"] if isinstance(x, dict) else x
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean and standard deviation across seeds (`stats.across_seeds`) of every table metric, NLL difference,
+    multiple-choice difference and share of the KL gap closed."""
+    first = per_seed[0]
+    models = {name: {m: stats.across_seeds([_value(s["models"][name][m]) for s in per_seed])
+                     for m in TABLE_METRICS if m in row} for name, row in first["models"].items()}
+    out = {"seeds": [s["seed"] for s in per_seed], "models": models}
+    for key in ("differences", "mc_differences", "kl_gap_closed"):
+        out[key] = {k: stats.across_seeds([_value(s[key][k]) for s in per_seed]) for k in first.get(key, {})}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------ output
 
 VARIANTS = ("pruned student", "+ CPT adapter (alpha 0)", "+ CPT+KD adapter (alpha 0.5)", "teacher")
+DIFFERENCES = ("KD - CPT", "CPT - pruned", "KD - pruned")
 
 
 def format_table(rows: dict, key_name: str = "model") -> str:
@@ -189,6 +353,93 @@ def format_table(rows: dict, key_name: str = "model") -> str:
     for name, r in rows.items():
         lines.append(f"{str(name):<{width}}  {r['perplexity']:>12.2f}  {r['kl']:>9.3f}  {r['top1_agreement']:>11.3f}")
     return "\n".join(lines)
+
+
+def _ppl(v: float) -> str:
+    return f"{v:,.0f}" if v >= 1000 else f"{v:.1f}"
+
+
+def _negated(ci: dict) -> dict:
+    return {**ci, "estimate": -ci["estimate"], "lo": -ci["hi"], "hi": -ci["lo"]}
+
+
+def _spread(agg: dict, digits: int, signed: bool = False, fmt=None) -> str:
+    if fmt is not None:
+        return f"{fmt(agg['mean'])} ± {fmt(agg['std'])}"
+    return f"{agg['mean']:{'+' if signed else ''}.{digits}f} ± {agg['std']:.{digits}f}"
+
+
+def format_markdown(results: dict) -> str:
+    """The table of `run_ablation`'s results as Markdown, with a caption: per model the held-out NLL (nats per
+    token) and perplexity, KL, top-1 agreement, multiple-choice accuracy and the NLL differences against the other
+    adapter and against the pruned student. One seed: the value and its 95% bootstrap interval; several: mean ±
+    standard deviation across seeds, each seed's intervals listed below the table."""
+    seeds, setting = results["seeds"], results["setting"]
+    names = list(seeds[0]["models"])
+    mc = results.get("multiple_choice") or {}
+    has_mc = "mc_accuracy" in seeds[0]["models"][names[0]]
+    level = f"{100 * setting['bootstrap']['level']:g}%"
+    head = ["model", f"held-out NLL [{level} CI]" if len(seeds) == 1 else "held-out NLL", "perplexity",
+            "KL(T‖S)", "top-1 agreement"]
+    head += [f"MC accuracy [{level} CI]" if len(seeds) == 1 else "MC accuracy"] if has_mc else []
+    ci = f" [{level} CI]" if len(seeds) == 1 else ""
+    head += [f"ΔNLL vs the other adapter{ci}", f"ΔNLL vs the pruned student{ci}"]
+    other = {names[1]: ("KD - CPT", True), names[2]: ("KD - CPT", False)}
+    vs_pruned = {names[1]: "CPT - pruned", names[2]: "KD - pruned"}
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    if len(seeds) == 1:
+        s = seeds[0]
+        for name in names:
+            r = s["models"][name]
+            cells = [name, stats.format_interval(r["nll_ci"]), _ppl(r["perplexity"]), f"{r['kl']:.3f}",
+                     f"{r['top1_agreement']:.3f}"]
+            cells += [stats.format_interval(r["mc_accuracy"], 2)] if has_mc else []
+            if name in other:
+                label, flip = other[name]
+                d = s["differences"][label]
+                cells.append(stats.format_interval(_negated(d) if flip else d, signed=True))
+                cells.append(stats.format_interval(s["differences"][vs_pruned[name]], signed=True))
+            else:
+                cells += ["", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    else:
+        agg = results["aggregate"]
+        for name in names:
+            a = agg["models"][name]
+            cells = [name, _spread(a["nll"], 3), _spread(a["perplexity"], 0, fmt=_ppl), _spread(a["kl"], 3),
+                     _spread(a["top1_agreement"], 3)]
+            cells += [_spread(a["mc_accuracy"], 2)] if has_mc else []
+            if name in other:
+                label, flip = other[name]
+                d = agg["differences"][label]
+                d = {**d, "mean": -d["mean"]} if flip else d
+                cells += [_spread(d, 3, signed=True), _spread(agg["differences"][vs_pruned[name]], 3, signed=True)]
+            else:
+                cells += ["", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    caption = [f"Held-out: {setting['documents']['held_out']} documents, {seeds[0]['models'][names[0]]['tokens']} "
+               "tokens, each document scored whole; NLL in nats per token (perplexity = exp NLL). ΔNLL: the row's "
+               "per-token NLL minus the other adapter's (the pruned student's), paired by document; negative = lower."]
+    if has_mc:
+        caption.append(f"MC accuracy: which of {MC_OPTIONS} terms a held-out glossary definition belongs to, by "
+                       f"log-likelihood; {mc.get('items')} items, chance {1 / MC_OPTIONS:.2f}.")
+    elif mc.get("note"):
+        caption.append(mc["note"] + ".")
+    caption.append(f"Intervals: {level} percentile bootstrap over documents (MC: items), "
+                   f"{setting['bootstrap']['n_resamples']:,} resamples." if len(seeds) == 1 else
+                   f"{len(seeds)} seeds ({', '.join(str(s['seed']) for s in seeds)}): mean ± standard deviation "
+                   "across seeds; the held-out documents and MC items are the same for every seed.")
+    out = " ".join(caption) + "\n\n" + "\n".join(lines) + "\n"
+    if len(seeds) > 1:
+        out += f"\nPer seed, {level} bootstrap intervals:\n\n"
+        short = dict(zip(names, ("pruned", "CPT", "KD", "teacher")))
+        for s in seeds:
+            line = "; ".join(f"{k} {stats.format_interval(s['differences'][k], signed=True)}" for k in DIFFERENCES)
+            if has_mc:
+                line += "; MC accuracy " + ", ".join(
+                    f"{short[n]} {stats.format_interval(s['models'][n]['mc_accuracy'], 2)}" for n in names)
+            out += f"- seed {s['seed']}: ΔNLL {line}\n"
+    return out
 
 
 def _plt():
@@ -272,90 +523,162 @@ def plot_spectrum(report, path: str) -> str:
 # ------------------------------------------------------------------------------------------------------ the run
 
 
+def _lists(d: dict) -> dict:
+    return {k: np.asarray(v).tolist() for k, v in d.items()}
+
+
 def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:smollm2-135m-instruct",
-                 keep_layers="every_other", steps: int = 60, lr: float = 2e-3, rank: int = 8, seq_len: int = 256,
-                 batch_size: int = 4, kd_alpha: float = 0.5, held_out_fraction: float = 0.05, eval_rows: int = 16,
-                 min_words: int = 20, scales=SCALES, taus=TAUS, seed: int = 0, mesh_shape=(-1, 1, 1)) -> dict:
+                 student: str | None = None, keep_layers="every_other", steps: int = 60, lr: float = 2e-3,
+                 rank: int = 8, seq_len: int = 256, batch_size: int = 4, kd_alpha: float = 0.5,
+                 held_out_fraction: float = 0.05, sweep_rows: int = 16, min_words: int = 20, scales=SCALES,
+                 taus=TAUS, seeds=(0,), split_seed: int = 0, mc_items: int | None = 100,
+                 n_resamples: int = stats.N_RESAMPLES, mesh_shape=(-1, 1, 1)) -> dict:
     """The whole ablation (module docstring); prints the tables and returns what results.json holds."""
+    seeds = parse_seeds(seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds)))
+    # checked before anything trains
+    if not isinstance(sweep_rows, int) or sweep_rows < 1:
+        raise FaJaxError(f"sweep_rows={sweep_rows!r}: expected an integer >= 1")
+    if mc_items is not None and (not isinstance(mc_items, int) or mc_items < 1):
+        raise FaJaxError(f"mc_items={mc_items!r}: expected an integer >= 1 (or None for every eligible entry)")
     t0 = time.perf_counter()
     seconds = {}
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    boot_kw = {"n_resamples": int(n_resamples), "level": stats.LEVEL, "seed": 0}
 
     def lap(name, start):
         seconds[name] = round(time.perf_counter() - start, 1)
         return time.perf_counter()
 
-    setup = prepare(text, teacher=teacher, keep_layers=keep_layers, held_out_fraction=held_out_fraction, seed=seed,
-                    mesh_shape=mesh_shape, min_words=min_words)
+    setup = prepare(text, teacher=teacher, student=student, keep_layers=keep_layers,
+                    held_out_fraction=held_out_fraction, seed=split_seed, mesh_shape=mesh_shape, min_words=min_words)
     print(f"teacher: {teacher} ({setup.teacher_cfg.num_hidden_layers} layers, "
-          f"{setup.teacher_cfg.num_params / 1e6:.1f}M parameters); student: layers {keep_layers} "
-          f"({setup.student_cfg.num_hidden_layers} layers, {setup.student_cfg.num_params / 1e6:.1f}M), frozen, "
-          f"LoRA r {rank} on all linear layers")
-    print(f"documents: {len(setup.train_docs)} train, {len(setup.held_out_docs)} held out (split by document)")
+          f"{setup.teacher_cfg.num_params / 1e6:.1f}M parameters); student: {student or 'the teacher'}, layers "
+          f"{keep_layers if keep_layers is not None else 'all'} ({setup.student_cfg.num_hidden_layers} layers, "
+          f"{setup.student_cfg.num_params / 1e6:.1f}M), frozen, LoRA r {rank} on all linear layers")
+    print(f"documents: {len(setup.train_docs)} train, {len(setup.held_out_docs)} held out (split by document, "
+          f"split seed {split_seed}); training seeds {', '.join(map(str, seeds))}")
+    items, mc_note = glossary_items(setup, text, max_items=mc_items, seed=split_seed)
+    print(f"multiple choice: {len(items)} items from held-out glossary entries, {MC_OPTIONS} options"
+          if items else mc_note)
     t = lap("load", t0)
-    kw = dict(steps=steps, lr=lr, rank=rank, seq_len=seq_len, batch_size=batch_size, seed=seed)
-    cpt, cpt_summary = train_adapter(setup, os.path.join(out_dir, "cpt"), alpha=0.0, **kw)
-    t = lap("train_cpt", t)
-    kd, kd_summary = train_adapter(setup, os.path.join(out_dir, "kd"), alpha=kd_alpha, **kw)
-    t = lap("train_kd", t)
 
-    ref = reference(setup, seq_len=seq_len, batch_size=batch_size, max_rows=eval_rows)
-    names = list(VARIANTS)
-    names[2] = f"+ CPT+KD adapter (alpha {kd_alpha:g})"
-    rows = {}
-    for name, adapters in tqdm(list(zip(names[:3], (None, cpt, kd))), desc="held-out evaluation", unit="model",
-                               leave=False):
-        rows[name] = score(setup, ref, adapters=adapters)
-    rows[names[3]] = teacher_row(ref)
-    t = lap("evaluate", t)
-    sweep = partial_adaptation(setup, ref, kd, scales)
-    t = lap("partial_adaptation", t)
+    # Seed-independent: the teacher's pass, and the pruned student and the teacher on every document and item.
+    ref = reference(setup, seq_len=seq_len, batch_size=batch_size, per_document=True)
+    scorer = mc_scorer(setup, items) if items else None
+    layers = (setup.student_cfg.num_hidden_layers, setup.teacher_cfg.num_hidden_layers)
+    names = [f"pruned student ({layers[0]} of {layers[1]} layers)", VARIANTS[1],
+             f"+ CPT+KD adapter (alpha {kd_alpha:g})", VARIANTS[3]]
+    # The pruned student through an adapter with B = 0 (it adds exactly nothing): the adapters' compiled steps.
+    blank = lora.init_lora(setup.student_cfg, jax.random.PRNGKey(0), rank=rank, alpha=LORA_ALPHA)
+    blank = jax.device_put(blank, sh.tree_shardings(setup.student_cfg, blank, setup.mesh, setup.rules))
+    fixed = {names[0]: score(setup, ref, adapters=blank), names[3]: teacher_row(ref)}
+    fixed_mc = {}
+    if scorer is not None:
+        fixed_mc[names[0]] = score_mc(scorer, items, setup.student_cfg, setup.student, blank)
+        fixed_mc[names[3]] = score_mc(scorer, items, setup.teacher_cfg, setup.teacher)
+    t = lap("reference", t)
+
+    kw = dict(steps=steps, lr=lr, rank=rank, seq_len=seq_len, batch_size=batch_size)
+    per_seed, predictions, adapters_of, histories = [], [], {}, {}
+    for seed in seeds:
+        run_dir = os.path.join(out_dir, f"seed{seed}")
+        cpt, cpt_summary = train_adapter(setup, os.path.join(run_dir, "cpt"), alpha=0.0, seed=seed, **kw)
+        t = lap(f"seed {seed}: train CPT", t)
+        kd, kd_summary = train_adapter(setup, os.path.join(run_dir, "kd"), alpha=kd_alpha, seed=seed, **kw)
+        t = lap(f"seed {seed}: train KD", t)
+        scores, mc_scores = dict(fixed), dict(fixed_mc)
+        for name, adapters in ((names[1], cpt), (names[2], kd)):
+            scores[name] = score(setup, ref, adapters=adapters)
+            if scorer is not None:
+                mc_scores[name] = score_mc(scorer, items, setup.student_cfg, setup.student, adapters)
+        t = lap(f"seed {seed}: evaluate", t)
+        docs = {n: scores[n]["per_document"] for n in names}
+        rows = {n: model_row(docs[n], mc_scores.get(n), **boot_kw) for n in names}
+        gap = rows[names[0]]["kl"]
+        result = {"seed": seed, "models": rows,
+                  "differences": differences(docs, [("KD - CPT", names[2], names[1]),
+                                                    ("CPT - pruned", names[1], names[0]),
+                                                    ("KD - pruned", names[2], names[0])], **boot_kw),
+                  "kl_gap_closed": {n: 1.0 - rows[n]["kl"] / gap if gap else 0.0 for n in names[1:3]},
+                  "runs": {"cpt": cpt_summary.get("out_dir"), "kd": kd_summary.get("out_dir"),
+                           "kd_peft_adapter": kd_summary.get("peft_adapter")}}
+        if scorer is not None:
+            result["mc_differences"] = {"KD - CPT": stats.paired_bootstrap(
+                mc_scores[names[2]]["correct"], mc_scores[names[1]]["correct"], **boot_kw)}
+        per_seed.append(result)
+        predictions.append({"seed": seed, "documents": {n: _lists({k: docs[n][k] for k in
+                                                                  ("nll_sum", "tokens", "kl_sum", "agreement_sum")})
+                                                        for n in names},
+                            "mc": {n: _lists({k: m[k] for k in ("logprob", "tokens", "chosen", "chosen_per_token")})
+                                   for n, m in mc_scores.items()}})
+        adapters_of[seed] = kd
+        histories[f"CPT (alpha 0), seed {seed}"] = _history(cpt_summary)
+        histories[f"CPT+KD (alpha {kd_alpha:g}), seed {seed}"] = _history(kd_summary)
+
+    # The first seed's KD adapter: partial merges and its LoRE, on a spread-out part of the held-out rows.
+    sub = ref.subset(int(sweep_rows) * int(seq_len))
+    kd = adapters_of[seeds[0]]
+    sweep = partial_adaptation(setup, sub, kd, scales)
+    t = lap("partial adaptation", t)
     spectrum, report = lore_spectrum(kd, taus)
     lore, _ = treemath.truncate(kd, tau=float(taus[0]))
-    lore_row = score(setup, ref, adapters=lore)
+    lore_row = _plain(score(setup, sub, adapters=lore))
     t = lap("lore", t)
 
-    gap = rows[names[0]]["kl"]
-    closed = {n: 1.0 - rows[n]["kl"] / gap if gap else 0.0 for n in names[1:3]}
+    agg = aggregate(per_seed)
+    means = {n: {m: agg["models"][n][m]["mean"] for m in ("perplexity", "kl", "top1_agreement")} for n in names}
     plots = {
-        "training_curves": plot_training({"CPT (alpha 0)": _history(cpt_summary),
-                                          f"CPT+KD (alpha {kd_alpha:g})": _history(kd_summary)},
-                                         os.path.join(out_dir, "training_curves.png")),
-        "ablation": plot_ablation(rows, os.path.join(out_dir, "ablation.png")),
-        "partial_adaptation": plot_partial(sweep, rows[names[3]], os.path.join(out_dir, "partial_adaptation.png")),
+        "training_curves": plot_training(histories, os.path.join(out_dir, "training_curves.png")),
+        "ablation": plot_ablation(means, os.path.join(out_dir, "ablation.png")),
+        "partial_adaptation": plot_partial(sweep, _plain(teacher_row(sub)),
+                                           os.path.join(out_dir, "partial_adaptation.png")),
         "lore_spectrum": plot_spectrum(report, os.path.join(out_dir, "lore_spectrum.png")),
     }
     seconds["total"] = round(time.perf_counter() - t0, 1)
+    held_texts = list(setup.held_out_docs["text"])
     results = {
-        "setting": {"teacher": teacher, "keep_layers": keep_layers, "rank": rank, "steps": steps, "lr": lr,
-                    "seq_len": seq_len, "batch_size": batch_size, "kd_alpha": kd_alpha, "seed": seed,
-                    "min_words": min_words, "train_tokens_per_run": steps * seq_len * batch_size, "text": str(text),
+        "setting": {"teacher": teacher, "student": student, "keep_layers": keep_layers,
+                    "student_layers": setup.student_cfg.num_hidden_layers, "rank": rank, "steps": steps, "lr": lr,
+                    "seq_len": seq_len, "batch_size": batch_size, "kd_alpha": kd_alpha, "seeds": seeds,
+                    "split_seed": split_seed, "min_words": min_words,
+                    "train_tokens_per_run": steps * seq_len * batch_size, "text": str(text),
                     "documents": {"train": len(setup.train_docs), "held_out": len(setup.held_out_docs)},
                     "held_out_rows": ref.rows, "held_out_tokens": ref.teacher_metrics["tokens"],
-                    "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"},
-        "models": rows,
-        "kl_gap_closed": closed,
+                    "bootstrap": boot_kw, "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"},
+        "seeds": per_seed,
+        "aggregate": agg,
+        "multiple_choice": {"items": len(items), "options": MC_OPTIONS, "chance": 1 / MC_OPTIONS,
+                            "max_items": mc_items, "prompt": jargon.MC_PROMPT, "close": jargon.MC_CLOSE,
+                            "note": mc_note},
         "partial_adaptation": sweep,
+        "partial_adaptation_rows": {"seed": seeds[0], "rows": sub.rows, "tokens": sub.teacher_metrics["tokens"],
+                                    "teacher": _plain(teacher_row(sub))},
         "lore": {**spectrum, "scored_tau": float(taus[0]), "scored": lore_row},
-        "runs": {"cpt": cpt_summary.get("out_dir"), "kd": kd_summary.get("out_dir"),
-                 "kd_peft_adapter": kd_summary.get("peft_adapter")},
+        "predictions": os.path.join(out_dir, "predictions.json"),
         "plots": plots,
         "seconds": seconds,
     }
+    write_text(os.path.join(out_dir, "predictions.json"), json.dumps({
+        "held_out_documents": held_texts,
+        "mc_items": [{k: it[k] for k in ("term", "definition", "prompt", "options", "answer")} for it in items],
+        "seeds": predictions}))
     write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2, default=float))
+    table = format_markdown(results)
+    write_text(os.path.join(out_dir, "results.md"), table)
     print()
-    print(format_table(rows))
-    print("\nshare of the pruned student's KL gap to the teacher closed: " +
-          ", ".join(f"{n.split('(')[0].strip(' +')} {100 * c:.0f}%" for n, c in closed.items()))
-    print("\npartial adaptation of the KD adapter (treemath.merge):")
+    print(table)
+    print("share of the pruned student's KL gap to the teacher closed: " +
+          ", ".join(f"{n.split('(')[0].strip(' +')} {100 * v['mean']:.0f}%" for n, v in agg["kl_gap_closed"].items()))
+    print(f"\npartial adaptation of the KD adapter (seed {seeds[0]}, treemath.merge; {sub.rows} of the held-out rows, "
+          f"{sub.teacher_metrics['tokens']} tokens):")
     print(format_table({f"s = {r['scale']:g}": r for r in sweep}, "scale"))
     shares = ", ".join(f"tau {k}: mean rank {v['mean_rank']:.1f} of {rank} ({100 * v['share_of_lora']:.0f}% of "
                        "the LoRA parameters)" for k, v in spectrum["taus"].items())
     print(f"\nLoRE spectrum of the KD adapter ({spectrum['modules']} matrices): {shares}")
     print(f"LoRE at tau {taus[0]:g}: held-out perplexity {lore_row['perplexity']:.2f}, KL {lore_row['kl']:.3f}, "
-          f"top-1 agreement {lore_row['top1_agreement']:.3f}")
-    print(f"\nwrote {os.path.join(out_dir, 'results.json')} and {len(plots)} plots; "
+          f"top-1 agreement {lore_row['top1_agreement']:.3f} (same rows as the partial adaptation)")
+    print(f"\nwrote {os.path.join(out_dir, 'results.json')}, results.md, predictions.json and {len(plots)} plots; "
           f"{seconds['total'] / 60:.1f} min in all ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
     return results
 

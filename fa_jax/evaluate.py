@@ -4,6 +4,8 @@
     exact_match("There are 291 episodes.", "291")  # 1.0: the reference appears in the response
     perplexity(config, params, tokenizer, held_out_texts, adapters=lora)   # {"perplexity", "nll", "tokens"}
     teacher_agreement(t_cfg, teacher, s_cfg, student, tokenizer, texts, adapters=lora)  # {"kl", "top1_agreement", ...}
+    TeacherReference(t_cfg, teacher, tokenizer, texts, per_document=True).score(s_cfg, student)  # + per-document sums
+    MultipleChoice(tokenizer, prompts, choices).score(config, params)   # {"logprob", "tokens"} [items, choices]
     evaluate_qa(config, params, tokenizer, "qa.jsonl", adapters=lora, out_dir="runs/eval")  # summary dict
 
 Answer metrics (RE-Adapt, seed 004, section 5.3). Instruction-tuned models answer in full sentences, so the paper
@@ -24,8 +26,11 @@ and with an exact match that asks whether the reference appears anywhere in the 
 Perplexity and agreement read documents exactly as pre-training does (`fa_jax.data.PackedBatches`: BOS/EOS,
 packing into rows of `seq_len` with segment ids and positions, one pass, padding masked), so the numbers are
 comparable with the `lm` and `agreement` metrics of a run. A document that straddles two rows continues in the
-second row as a new segment (its context restarts there), as in training. Both use
-`fa_jax.losses.chunked_distill_loss`, so no [B, T, V] float32 logits exist for a whole row, let alone for two models.
+second row as a new segment (its context restarts there), as in training. `TeacherReference` with per_document
+instead scores every document whole and on its own (`document_batches`) and sums per document, for intervals over
+documents. Both use `fa_jax.losses.chunked_distill_loss`'s terms, so no [B, T, V] float32 logits exist for a whole
+row, let alone for two models. `MultipleChoice` scores log-likelihood multiple-choice items (a prompt, K
+continuations), the prompt run once and its key/value cache shared by the continuations.
 
 Axis legend: B batch rows, T time, C time steps in a chunk, D model, V vocab.
 """
@@ -149,41 +154,36 @@ def perplexity(config, params, tokenizer, documents, *, adapters=None, seq_len: 
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}
 
 
-def _row_sums(h_s, head_s, s_vd, h_t, head_t, t_vd, labels, mask, temperature, chunk_size):
-    """Per-row sums [B, 4] of (kd, agreement, nll, tokens): `losses.chunked_distill_loss` run on each row (vmapped),
-    so that rows of different documents stay apart. With h_t = None (no teacher) kd and agreement are 0."""
-    def row(hs, ht, lab, m):
-        _, met = losses.chunked_distill_loss(hs[None], head_s, None if ht is None else ht[None],
-                                             None if ht is None else head_t, lab[None], m[None],
-                                             alpha=0.0 if ht is None else 1.0, temperature=float(temperature),
-                                             chunk_size=chunk_size, normalizer=1.0, student_head_vd=s_vd,
-                                             teacher_head_vd=t_vd)
-        return jnp.stack([met["kd"], met["agreement"], met["lm"], met["tokens"]])
-
-    return jax.vmap(row)(h_s, h_t, labels, mask)
-
-
 def _agreement_fn(teacher_cfg, student_cfg, temperature, dtype, chunk_size):
-    """jitted (h_teacher, teacher, student, adapters, batch) -> per-row (kd, agreement, student nll, tokens) [B, 4]."""
+    """jitted (h_teacher, teacher, student, adapters, batch) -> per-token (kd, agreement, student nll) [B, T, 3]."""
     def step(h_t, teacher, student, adapters, b):
         h_s = transformer.hidden_states(student_cfg, student, b["tokens"], adapters, segment_ids=b["segment_ids"],
                                         positions=b["positions"], dtype=dtype)
         head_s, s_vd = transformer.lm_head(student_cfg, student)
         head_t, t_vd = transformer.lm_head(teacher_cfg, teacher)
-        return _row_sums(h_s, head_s, s_vd, h_t, head_t, t_vd, b["labels"], b["mask"], temperature, chunk_size)
+        return losses.chunked_token_terms(h_s, head_s, h_t, head_t, b["labels"], b["mask"],
+                                          temperature=float(temperature), chunk_size=chunk_size,
+                                          student_head_vd=s_vd, teacher_head_vd=t_vd)
 
     return jax.jit(step)
 
 
 def _teacher_fn(teacher_cfg, dtype, chunk_size):
-    """jitted (teacher, batch) -> (hidden states [B, T, D], per-row (teacher nll, tokens) [B, 2])."""
+    """jitted (teacher, batch) -> (hidden states [B, T, D], per-token teacher nll [B, T])."""
     def step(teacher, b):
         h = transformer.hidden_states(teacher_cfg, teacher, b["tokens"], segment_ids=b["segment_ids"],
                                       positions=b["positions"], dtype=dtype)
         head, vd = transformer.lm_head(teacher_cfg, teacher)
-        return h, _row_sums(h, head, vd, None, None, False, b["labels"], b["mask"], 1.0, chunk_size)[:, 2:]
+        return h, losses.chunked_token_terms(h, head, None, None, b["labels"], b["mask"], chunk_size=chunk_size,
+                                             student_head_vd=vd)[..., 2]
 
     return jax.jit(step)
+
+
+def _with_tokens(terms, batch) -> np.ndarray:
+    """Per-token terms [B, T, k] from the device, float64, with the mask appended as a last column (the token)."""
+    terms = np.asarray(jax.device_get(terms), np.float64).reshape(*batch["mask"].shape, -1)
+    return np.concatenate([terms, np.asarray(batch["mask"], np.float64)[..., None]], axis=-1)
 
 
 def _check_temperature(temperature):
@@ -210,8 +210,9 @@ def teacher_agreement(teacher_cfg, teacher, student_cfg, student, tokenizer, doc
     "student_nll": the student's mean next-token NLL, "perplexity": exp(student_nll), "tokens": the number of real
     tokens}. Documents, packing and arguments as in `perplexity`; both models must use `tokenizer` (vocabularies
     differing only by padding rows are compared on the shared part, as in training). Computed chunk by chunk
-    (`losses.chunked_distill_loss` with alpha = 1), so neither model's [B, T, V] float32 logits are ever held for a
-    whole row. To compare several students with one teacher, `TeacherReference` runs the teacher only once.
+    (`losses.chunked_token_terms`, the terms of `chunked_distill_loss`), so neither model's [B, T, V] float32
+    logits are ever held for a whole row. To compare several students with one teacher, `TeacherReference` runs
+    the teacher only once.
     """
     _check_temperature(temperature)
     teacher_step = _teacher_fn(teacher_cfg, dtype, chunk_size)
@@ -220,7 +221,7 @@ def teacher_agreement(teacher_cfg, teacher, student_cfg, student, tokenizer, doc
     for batch in _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
         b = _device_batch(batch)
         h_t, _ = teacher_step(teacher, b)
-        sums += np.asarray(jax.device_get(step(h_t, teacher, student, adapters, b)), np.float64).sum(0)
+        sums += _with_tokens(step(h_t, teacher, student, adapters, b), batch).sum((0, 1))
     return _agreement_summary(sums)
 
 
@@ -256,41 +257,52 @@ def _texts(documents, text_field, split) -> list[str]:
 
 def document_batches(tokenizer, documents, *, seq_len: int = 256, batch_size: int = 4, add_bos: bool | None = None,
                      add_eos: bool | None = None, text_field: str = "text", split: str = "paragraph"):
-    """Batches in which every row holds (a piece of) one document: (batches, docs, number of documents).
+    """Rows [batch_size, seq_len] in which every document is scored whole, on its own: (batches, docs, number of
+    documents).
 
-    Each document is [BOS] + tokens + [EOS] as in `perplexity` (`PackedBatches` with that document alone): one
-    longer than seq_len + 1 tokens is cut as a packed stream of it would be (row r holds its tokens r*T .. r*T + T,
-    the context restarting in each row), so every next-token pair is scored once and a document's sums equal
-    `perplexity([document])`'s. A piece goes into a row of the smallest width among T/4, T/2, T (those >= 8) that
-    holds it; a batch holds rows of one width only, batch_size * T / width of them (the tokens of batch_size full
-    rows), the last batch of a width padded with empty rows: at most three shapes, and short documents do not
-    pay for T positions. Rows keep the document order within a width. batches: dicts of int32 [B, W] arrays as
-    `PackedBatches` gives them; docs: int [B] per batch, the document of each row (-1 for padding rows).
+    Each document is [BOS] + tokens + [EOS] as in `perplexity`; one longer than seq_len + 1 tokens is cut as a
+    packed stream of it alone would be (piece r holds its tokens r*T .. r*T + T, the context restarting in each), so
+    its sums equal `perplexity([document])`'s. The pieces are never cut further: they are packed whole into rows
+    (first fit, longest first), each its own segment (`fa_jax.data.pack_row`: attention stays inside a segment and
+    positions restart at 0), so a document is scored exactly as in a row of its own, without the padding such
+    rows would cost, and one row shape serves every batch. batches: dicts of int32 [B, T] arrays as
+    `PackedBatches` gives them, the last padded with empty rows; docs: int [B, T] per batch, the document (index in
+    `documents`) of each token position, -1 where none.
     """
     from fa_jax.data import pack_row
 
     texts = _texts(documents, text_field, split)
     bos, eos, pad_id = _specials(tokenizer, add_bos, add_eos)
     T = int(seq_len)
-    widths = sorted({w for w in (T // 4, T // 2) if w >= 8} | {T})
-    pieces = {w: [] for w in widths}
     todo = [i for i, t in enumerate(texts) if t and not t.isspace()]
     encoded = tokenizer([texts[i] for i in todo], add_special_tokens=False, return_attention_mask=False,
                         verbose=False)["input_ids"] if todo else []
+    pieces = []
     for d, ids in zip(todo, encoded):
         ids = np.asarray(bos + list(ids) + eos, np.int32)
-        for start in range(0, len(ids) - 1, T):
-            piece = ids[start:start + T + 1]
-            pieces[next(w for w in widths if w >= len(piece) - 1)].append((d, piece))
+        pieces += [(d, ids[s:s + T + 1]) for s in range(0, len(ids) - 1, T)]
+    pieces.sort(key=lambda p: -len(p[1]))  # stable: equal lengths keep the documents' order
+    room, rows = np.zeros(0, np.int64), []
+    for d, p in pieces:  # first fit: a row holds T + 1 tokens (its last one only as a label)
+        fits = np.flatnonzero(room >= len(p))
+        if fits.size:
+            room[fits[0]] -= len(p)
+            rows[fits[0]].append((d, p))
+        else:
+            room = np.append(room, T + 1 - len(p))
+            rows.append([(d, p)])
     batches, docs = [], []
-    for w in widths:
-        rows = max(1, batch_size * T // w)
-        for start in range(0, len(pieces[w]), rows):
-            chunk = pieces[w][start:start + rows]
-            packed = [pack_row(p, np.ones(len(p), np.int64), w, pad_id) for _, p in chunk]
-            packed += [pack_row(np.zeros(0, np.int32), np.zeros(0, np.int64), w, pad_id)] * (rows - len(chunk))
-            batches.append({k: np.stack([r[k] for r in packed]) for k in packed[0]})
-            docs.append(np.array([d for d, _ in chunk] + [-1] * (rows - len(chunk)), np.int64))
+    for start in range(0, len(rows), batch_size):
+        packed, owners = [], []
+        for row in rows[start:start + batch_size] + [[]] * max(0, start + batch_size - len(rows)):
+            tok = np.concatenate([p for _, p in row] or [np.zeros(0, np.int32)])
+            piece = np.repeat(np.arange(1, len(row) + 1), [len(p) for _, p in row])
+            packed.append(pack_row(tok, piece, T, pad_id))
+            owner = np.full(T + 1, -1, np.int64)
+            owner[:len(tok)] = np.repeat([d for d, _ in row], [len(p) for _, p in row]).astype(np.int64)
+            owners.append(owner[:T])
+        batches.append({k: np.stack([r[k] for r in packed]) for k in packed[0]})
+        docs.append(np.stack(owners))
     return batches, docs, len(texts)
 
 
@@ -306,10 +318,10 @@ class TeacherReference:
         ref.teacher_documents                            # {"nll_sum", "tokens"} [docs] of the teacher
 
     The held-out rows are packed as in `perplexity` (at most `max_rows` of them, None: all), or with per_document
-    every document gets rows of its own (`document_batches`: every document scored whole, sums per document, in the
-    documents' order). The teacher's final hidden states [B, T, D] are kept per batch (D floats per token, not V),
-    so each `score` call runs only the student and the two LM heads, chunk by chunk. Students with the same shapes
-    share one compilation (per row width). `subset(max_tokens)` scores a spread-out part of the batches.
+    every document is scored whole and on its own (`document_batches`), with sums per document in the documents'
+    order. The teacher's final hidden states [B, T, D] are kept per batch (D floats per token, not V), so each
+    `score` call runs only the student and the two LM heads, chunk by chunk. Students with the same shapes share
+    one compilation. `subset(max_tokens)` is the same reference on a spread-out part of the batches.
     """
 
     def __init__(self, teacher_cfg, teacher, tokenizer, documents, *, seq_len: int = 256, batch_size: int = 4,
@@ -324,40 +336,40 @@ class TeacherReference:
         self.teacher_cfg, self.teacher = teacher_cfg, teacher
         self.temperature, self.dtype, self.chunk_size = float(temperature), dtype, int(chunk_size)
         teacher_step = _teacher_fn(teacher_cfg, dtype, chunk_size)
+        self.token_documents, self.documents = None, None
         if per_document:
-            batches, self.row_documents, self.documents = document_batches(
+            batches, self.token_documents, self.documents = document_batches(
                 tokenizer, documents, seq_len=seq_len, batch_size=batch_size, add_bos=add_bos, add_eos=add_eos,
                 text_field=text_field, split=split)
         else:
-            batches, self.row_documents, self.documents = _batches(tokenizer, documents, seq_len, batch_size,
-                                                                   add_bos, add_eos, text_field, split), None, None
-        self.batches, self.hidden, self._teacher_rows = [], [], []
+            batches = _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split)
+        self.batches, self.hidden, self._teacher_terms = [], [], []
         rows = 0
         for batch in batches:
             if max_rows is not None and rows >= int(max_rows):
                 break
             b = _device_batch(batch)
-            h, sums = teacher_step(teacher, b)
+            h, nll = teacher_step(teacher, b)
             self.batches.append(b)
             self.hidden.append(h)
-            self._teacher_rows.append(np.asarray(jax.device_get(sums), np.float64))
+            self._teacher_terms.append(_with_tokens(nll[..., None], batch))
             rows += int(b["tokens"].shape[0])
         self._summarize_teacher()
         self._steps: dict = {}
 
     def _summarize_teacher(self):
-        nll, tokens = np.concatenate(self._teacher_rows).sum(0) if self._teacher_rows else (0.0, 0)
+        nll, tokens = sum(t.sum((0, 1)) for t in self._teacher_terms) if self._teacher_terms else (0.0, 0)
         if tokens == 0:
             raise FaJaxError("documents: no next-token pairs to score (every document is a single token or empty)")
         self.teacher_metrics = {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": int(tokens)}
-        self.teacher_documents = None if self.row_documents is None else self._by_document(
-            self._teacher_rows, ("nll_sum", "tokens"))
+        self.teacher_documents = None if self.token_documents is None else self._by_document(
+            self._teacher_terms, ("nll_sum", "tokens"))
 
-    def _by_document(self, rows, names) -> dict:
-        """Per-row sums [B, k] of each batch added up per document: {name: [documents]} (tokens as int)."""
+    def _by_document(self, terms, names) -> dict:
+        """Per-token terms [B, T, k] of each batch added up per document: {name: [documents]} (tokens as int)."""
         acc = np.zeros((self.documents, len(names)), np.float64)
-        for r, d in zip(rows, self.row_documents):
-            np.add.at(acc, d[d >= 0], r[d >= 0])
+        for t, d in zip(terms, self.token_documents):
+            np.add.at(acc, d[d >= 0], t[d >= 0])
         return {n: (np.rint(acc[:, i]).astype(np.int64) if n == "tokens" else acc[:, i]) for i, n in enumerate(names)}
 
     @property
@@ -365,16 +377,16 @@ class TeacherReference:
         return sum(int(b["tokens"].shape[0]) for b in self.batches)
 
     def subset(self, max_tokens: int) -> "TeacherReference":
-        """This reference on every k-th batch only, k = ceil(tokens / max_tokens), so about `max_tokens` real tokens
-        spread over the row widths (itself when it holds no more). Shares the arrays and compiled steps."""
+        """This reference on every k-th batch only, k = ceil(tokens / max_tokens): about `max_tokens` real tokens
+        (itself when it holds no more). Shares the arrays and compiled steps."""
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise FaJaxError(f"max_tokens={max_tokens!r}: expected an integer >= 1")
         k = -(-self.teacher_metrics["tokens"] // max_tokens)
         if k <= 1:
             return self
         sub = copy.copy(self)  # the same _steps dict: compilations stay shared
-        sub.batches, sub.hidden, sub._teacher_rows = self.batches[::k], self.hidden[::k], self._teacher_rows[::k]
-        sub.row_documents = None if self.row_documents is None else self.row_documents[::k]
+        sub.batches, sub.hidden, sub._teacher_terms = self.batches[::k], self.hidden[::k], self._teacher_terms[::k]
+        sub.token_documents = None if self.token_documents is None else self.token_documents[::k]
         sub._summarize_teacher()
         return sub
 
@@ -386,11 +398,11 @@ class TeacherReference:
             self._steps[key] = _agreement_fn(self.teacher_cfg, student_cfg, self.temperature, self.dtype,
                                              self.chunk_size)
         step = self._steps[key]
-        rows = [np.asarray(jax.device_get(step(h_t, self.teacher, student, adapters, b)), np.float64)
-                for h_t, b in zip(self.hidden, self.batches)]
-        out = _agreement_summary(np.concatenate(rows).sum(0))
-        if self.row_documents is not None:
-            out["per_document"] = self._by_document(rows, ("kl_sum", "agreement_sum", "nll_sum", "tokens"))
+        terms = [_with_tokens(step(h_t, self.teacher, student, adapters, b), b)
+                 for h_t, b in zip(self.hidden, self.batches)]
+        out = _agreement_summary(sum(t.sum((0, 1)) for t in terms))
+        if self.token_documents is not None:
+            out["per_document"] = self._by_document(terms, ("kl_sum", "agreement_sum", "nll_sum", "tokens"))
         return out
 
 
@@ -433,8 +445,9 @@ class MultipleChoice:
     tokens) and appended, and logprob[i, j] is the sum over choice j's tokens of log p(token | prompt i, the
     choice's earlier tokens); tokens[i, j] is their number (logprob / tokens: the per-token score). Each prompt runs
     once, its keys and values cached (`transformer.hidden_states_with_cache`) and shared by its K choices, so an
-    item costs one prompt and K short continuations. Batches of `batch_size` items all have one shape (prompts
-    left-padded to a multiple of 16 tokens, choices right-padded to the longest): one compilation per model config.
+    item costs one prompt and K short continuations. Batches of at most `batch_size` items (as evenly filled as
+    that allows) all have one shape (prompts left-padded to a multiple of 16 tokens, choices right-padded to the
+    longest): one compilation per model config.
     """
 
     def __init__(self, tokenizer, prompts, choices, *, batch_size: int = 16, add_bos: bool | None = None,
@@ -462,6 +475,7 @@ class MultipleChoice:
         if empty:
             raise FaJaxError(f"item {empty[0]}: a prompt or choice with no tokens")
         n, P, C = len(prompts), -(-max(map(len, p_ids)) // 16) * 16, max(map(len, c_ids))
+        batch_size = -(-n // -(-n // batch_size))  # as many batches as batch_size needs, evenly filled
         n_pad = -(-n // batch_size) * batch_size
         prompt = np.full((n_pad, P), -1, np.int32)
         choice = np.zeros((n_pad, k, C), np.int32)

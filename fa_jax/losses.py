@@ -185,6 +185,31 @@ def _head(h, head, vd):
     return jnp.einsum(spec, h, head.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
+def chunked_token_terms(student_hidden, student_head, teacher_hidden, teacher_head, labels, mask, *,
+                        temperature=1.0, divergence="forward_kl", beta=0.5, chunk_size=128, student_head_vd=False,
+                        teacher_head_vd=False):
+    """The per-token terms behind `chunked_distill_loss`'s metrics, for evaluation: float32 [B, T, 3] holding
+    (divergence, argmax agreement, cross-entropy) of each token, 0 where mask is 0 (divergence and agreement 0
+    everywhere without a teacher). Arguments as in `chunked_distill_loss`; computed chunk by chunk in the same way,
+    so [B, T, V] logits never exist; not differentiable. Summing over tokens gives `chunked_distill_loss`'s kd,
+    agreement and lm metrics at normalizer 1; keeping the tokens apart lets a caller sum per document."""
+    _check(divergence, beta, 0.0, teacher_hidden is not None)
+    B, T = student_hidden.shape[:2]
+    c = max(1, min(chunk_size, T))
+
+    def chunk(xs):
+        hs, ht, lab, m = xs
+        t = None if ht is None else _head(ht, teacher_head, teacher_head_vd)
+        kd, ce, agree = _token_terms(_head(hs, student_head, student_head_vd), t, lab, m, temperature, divergence,
+                                     beta)
+        return jnp.stack([kd, agree, ce], axis=-1)  # [B, C, 3]
+
+    xs = (_to_chunks(student_hidden, c), None if teacher_hidden is None else _to_chunks(teacher_hidden, c),
+          _to_chunks(jnp.asarray(labels), c), _to_chunks(jnp.asarray(mask), c))
+    out = jax.lax.map(chunk, jax.lax.stop_gradient(xs))  # [N, B, C, 3]
+    return jnp.moveaxis(out, 0, 1).reshape(B, -1, 3)[:, :T]
+
+
 def _chunk_loss(kind, hs, head_s, ht, head_t, labels, mask, n, alpha, temperature, beta):
     """Loss contribution of one chunk hs [B, C, Ds], with (kd, ce, agreement) sums as aux.
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -52,40 +51,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-_ABBREVIATIONS = ("usu.", "esp.", "e.g.", "i.e.", "vs.", "cf.", "etc.", "orig.", "prob.", "approx.", "st.")
-_ENTRY = re.compile(r"^ {3}:([^:\n]{2,40}):\s*(.*)$")
+from fa_jax.jargon import jargon_records  # noqa: E402  (the glossary parser lives in the library)
+
+from fa_jax.jargon import ENTRY as _ENTRY  # noqa: E402
 METRICS = ("nll", "rougeL_recall", "rougeL_f1", "exact_match")
 LABELS = {"nll": "NLL of the reference (nats/token, lower is better)", "rougeL_recall": "ROUGE-L recall",
           "rougeL_f1": "ROUGE-L F1", "exact_match": "exact match in response"}
-
-
-def jargon_records(path: str, min_words: int = 6, max_words: int = 40) -> list[dict]:
-    """{"question", "reference", "term"} for each glossary entry: the first sentence of its definition."""
-    lines = open(path, encoding="utf-8").read().splitlines()
-    records, i = [], 0
-    while i < len(lines):
-        m = _ENTRY.match(lines[i])
-        i += 1
-        if not m:
-            continue
-        term, body = m.group(1).strip(), []
-        while i < len(lines) and not _ENTRY.match(lines[i]):
-            body.append(lines[i].strip())
-            i += 1
-        text = " ".join(" ".join(body).split())
-        text = re.sub(r"^\(.*?\)\s*", "", text)  # "(also green words)"
-        text = re.sub(r"^\[.*?\]\s*", "", text)  # etymology "[from SF fandom]"
-        text = re.sub(r"^1\.\s*", "", text)
-        text = text.replace("{", "").replace("}", "")
-        pieces, first = re.split(r"(?<=[.!?])\s", text), ""
-        for piece in pieces:  # a sentence does not end at an abbreviation ("usu.", "esp.", "e.g.")
-            first = (first + " " + piece).strip()
-            if not first.lower().endswith(_ABBREVIATIONS):
-                break
-        if min_words <= len(first.split()) <= max_words:
-            records.append({"question": f"What does the hacker jargon term \"{term}\" mean?", "reference": first,
-                            "term": term})
-    return records
 
 
 def split_task(records: list[dict], eval_n: int, seed: int) -> tuple[list[dict], list[dict]]:

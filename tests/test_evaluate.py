@@ -478,3 +478,71 @@ def test_teacher_reference_scores_like_teacher_agreement(tiny):
     assert small.rows == 2 and small.teacher_metrics["tokens"] < own["tokens"]
     with pytest.raises(FaJaxError, match="max_rows=0"):
         evaluate.TeacherReference(t_cfg, teacher, tok, DOCS, max_rows=0)
+
+
+def test_per_document_reference_scores_each_document_alone(tiny):
+    """per_document: every document scored whole and on its own (packed as separate segments of one row shape, a
+    long one cut every seq_len tokens), so its sums are those of `teacher_agreement` / `perplexity` of it alone."""
+    models, tok = tiny
+    t_cfg, teacher, _ = models["llama"]
+    s_cfg, student, _ = models["llama_b"]
+    docs = DOCS + [" ".join(DOCS[:4]), ""]  # a long document (three pieces at seq_len 16) and an empty one
+    ref = evaluate.TeacherReference(t_cfg, teacher, tok, docs, seq_len=16, batch_size=2, chunk_size=4,
+                                    per_document=True)
+    assert {tuple(b["tokens"].shape) for b in ref.batches} == {(2, 16)} and ref.documents == len(docs)
+    got = ref.score(s_cfg, student)
+    per = got["per_document"]
+    assert per["tokens"][-1] == 0 and per["tokens"].sum() == got["tokens"] == ref.teacher_metrics["tokens"]
+    np.testing.assert_allclose(got["student_nll"], per["nll_sum"].sum() / per["tokens"].sum(), rtol=1e-12)
+    for i in (1, 4, 5):
+        want = evaluate.teacher_agreement(t_cfg, teacher, s_cfg, student, tok, [docs[i]], seq_len=16, batch_size=2,
+                                          chunk_size=4)
+        n = want["tokens"]
+        assert per["tokens"][i] == n
+        np.testing.assert_allclose([per["nll_sum"][i], per["kl_sum"][i], per["agreement_sum"][i]],
+                                   [want["student_nll"] * n, want["kl"] * n, want["top1_agreement"] * n], rtol=1e-5)
+        own = evaluate.perplexity(t_cfg, teacher, tok, [docs[i]], seq_len=16, batch_size=2)
+        np.testing.assert_allclose(ref.teacher_documents["nll_sum"][i], own["nll"] * own["tokens"], rtol=1e-5)
+    # subset: every k-th batch, sharing the compiled steps
+    sub = ref.subset(20)
+    assert sub.rows < ref.rows and sub._steps is ref._steps
+    assert 0 < sub.teacher_metrics["tokens"] < ref.teacher_metrics["tokens"]
+    assert sub.score(s_cfg, student)["tokens"] == sub.teacher_metrics["tokens"] and len(ref._steps) == 1
+    assert ref.subset(10 ** 6) is ref
+    with pytest.raises(FaJaxError, match="per_document"):
+        evaluate.TeacherReference(t_cfg, teacher, tok, docs, max_rows=2, per_document=True)
+
+
+def test_multiple_choice_matches_target_logprobs(tiny):
+    """Each choice's summed log-probability after its prompt (the prompt's cache shared by the choices) equals
+    target_logprobs on prompt + choice, with and without an adapter; padding items change nothing."""
+    models, tok = tiny
+    cfg, params, _ = models["tied"]
+    lora = fa_jax.init_lora(cfg, jax.random.PRNGKey(2), rank=4, alpha=8)
+    lora = jax.tree.map(lambda x: x + 0.05 if x.ndim == 2 else x, lora)
+    prompts = ["the hacker wrote a", "a computer is", "data", "the user had a file with the"]
+    choices = [["program", "system of code"], ["a system", "the"], ["file", "name name"], ["name", "data"]]
+    mc = evaluate.MultipleChoice(tok, prompts, choices, batch_size=3)
+    assert mc.batch_size == 2  # two batches are needed; filled evenly
+    seqs, spans = [], []
+    for p, cs in zip(prompts, choices):
+        ids = [tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]
+        for c in cs:
+            seqs.append(ids + tok(c, add_special_tokens=False)["input_ids"])
+            spans.append((len(ids), len(seqs[-1])))
+    width = max(map(len, seqs))
+    tokens = np.zeros((len(seqs), width), np.int32)
+    mask = np.zeros_like(tokens)
+    for i, q in enumerate(seqs):
+        tokens[i, :len(q)], mask[i, :len(q)] = q, 1
+    f = jax.jit(lambda t, g, m, a: evaluate.target_logprobs(cfg, params, t, g, m, a)[0])
+    for adapters in (None, lora):
+        got = mc.score(cfg, params, adapters=adapters)
+        lp = np.asarray(f(tokens[:, :-1], tokens[:, 1:], mask[:, 1:], adapters))
+        want = [lp[i, a - 1:b - 1].sum() for i, (a, b) in enumerate(spans)]
+        np.testing.assert_allclose(got["logprob"].ravel(), want, rtol=1e-5)
+        assert got["tokens"].ravel().tolist() == [b - a for a, b in spans]
+    with pytest.raises(FaJaxError, match="same number of choices"):
+        evaluate.MultipleChoice(tok, prompts[:2], [["a", "b"], ["a"]])
+    with pytest.raises(FaJaxError, match="no tokens"):
+        evaluate.MultipleChoice(tok, prompts[:1], [["a", ""]])

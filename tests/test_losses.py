@@ -250,3 +250,24 @@ def test_chunked_takes_vocab_major_heads():
         got, got_g = run(**kw)
         np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
         np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_chunked_token_terms_add_up_to_the_metrics(divergence):
+    """Per-token (kd, agreement, ce) from chunked_token_terms: zero on padding, their sums the metrics of
+    chunked_distill_loss at normalizer 1, each token's kd the reference formula; without a teacher, ce only."""
+    hs, ws, ht, wt, labels, mask = _hidden(10)  # T = 37, chunk 8: a padded last chunk; Vs 56, Vt 50
+    kw = dict(temperature=2.0, divergence=divergence, beta=0.3, chunk_size=8)
+    terms = np.asarray(jax.jit(lambda h: losses.chunked_token_terms(h, ws, ht, wt, labels, mask, **kw))(hs))
+    assert terms.shape == hs.shape[:2] + (3,)
+    assert not terms[mask == 0].any()
+    _, m = losses.chunked_distill_loss(hs, ws, ht, wt, labels, mask, alpha=0.5, normalizer=1.0, **kw)
+    np.testing.assert_allclose(terms.sum((0, 1)), [float(m["kd"]), float(m["agreement"]), float(m["lm"])],
+                               rtol=1e-5)
+    one = losses.distill_loss((hs @ ws)[:1, 5:6], (ht @ wt)[:1, 5:6], labels[:1, 5:6], mask[:1, 5:6],
+                              normalizer=1.0, temperature=2.0, divergence=divergence, beta=0.3)[1]
+    np.testing.assert_allclose(terms[0, 5], [float(one["kd"]), float(one["agreement"]), float(one["lm"])], rtol=1e-5)
+    alone = np.asarray(losses.chunked_token_terms(hs, ws, None, None, labels, mask, chunk_size=8))
+    np.testing.assert_allclose(alone[..., 2].sum(), float(losses.chunked_distill_loss(
+        hs, ws, None, None, labels, mask, alpha=0.0, normalizer=1.0, chunk_size=8)[1]["lm"]), rtol=1e-5)
+    assert not alone[..., :2].any()
