@@ -176,6 +176,9 @@ def train_adapter(setup: Setup, out_dir: str, *, alpha: float, steps: int = 60, 
     summary = train.train_loop(cfg, setup.mesh, setup.rules, out_dir,
                                (teacher_cfg, teacher, setup.student_cfg, setup.student), batches,
                                desc=f"train alpha={alpha:g} seed {seed}")
+    if summary["step"] < summary["steps"]:  # SIGTERM: the run saved its checkpoint and stopped; so does the ablation
+        raise FaJaxError(f"{out_dir}: stopped at step {summary['step']} of {summary['steps']} (SIGTERM); the "
+                         "ablation is incomplete")
     return summary.pop("adapters"), summary
 
 

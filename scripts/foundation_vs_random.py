@@ -157,19 +157,19 @@ def main(argv=None) -> int:
     p.add_argument("--foundation", default=None,
                    help="a fa-jax pretrain run directory (default: OUT/foundation, pre-trained here on the text "
                         "without the test entries)")
-    p.add_argument("--pretrain-steps", type=int, default=40)
+    p.add_argument("--pretrain-steps", type=int, default=20)
     p.add_argument("--pretrain-seq-len", type=int, default=128)
     p.add_argument("--pretrain-batch", type=int, default=4)
     p.add_argument("--teacher", default=None, help="the foundation adapter's teacher (default: the config's)")
     p.add_argument("--text", default=os.path.join(ROOT, "data", "text", "jargon.txt"))
     p.add_argument("--ns", default="0,16,64,256", help="numbers of training examples (0: no fine-tuning)")
     p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds (init, example choice, data order)")
-    p.add_argument("--steps", type=int, default=12, help="fine-tuning steps for every N > 0")
+    p.add_argument("--steps", type=int, default=6, help="fine-tuning steps for every N > 0")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-n", type=int, default=32, help="test entries, split off before anything trains")
+    p.add_argument("--eval-n", type=int, default=24, help="test entries, split off before anything trains")
     p.add_argument("--split-seed", type=int, default=0, help="which entries are the test entries")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "foundation_vs_random"))
     p.add_argument("--student", default=None, help="the student model (default: configs/sft_smollm2.py's)")
     p.add_argument("--keep-layers", default=None, help="'none', 'every_other' (default: the config's) or i,j,...")
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     base = run_config.load(os.path.join(ROOT, "configs", "sft_smollm2.py"), sft.sft_defaults(), [
         f"optim.lr={args.lr}", f"data.batch_size={args.batch}", "data.pack=false", "model.remat=none",
         f"run.steps={args.steps}", "run.save_every=0", "run.tensorboard=false", "run.export_peft=false",
-        "optim.warmup_steps=2", f"run.log_every={max(1, args.steps // 3)}", f"data.seq_len={args.seq_len}",
+        "optim.warmup_steps=1", f"run.log_every={max(1, args.steps // 3)}", f"data.seq_len={args.seq_len}",
         "run.resume=false", f"init=foundation:{foundation}"] + ([f"model.student={args.student}"] if args.student else []))
     if args.keep_layers is not None:
         base = run_config.merge(base, {"model": {"keep_layers": _keep(args.keep_layers)}}, "--keep-layers")
@@ -296,6 +296,9 @@ def main(argv=None) -> int:
         t = time.time()
         summary = train.train_loop(cfg, mesh, rules, out_dir, (None, None, student_cfg, student), batches,
                                    desc=f"{arm} N={n} seed {seed}", adapters=found if arm == "foundation" else None)
+        if summary["step"] < summary["steps"]:  # SIGTERM: the loop saved and stopped; so does the experiment
+            print(f"stopped at step {summary['step']} of {run_dir}; the experiment is incomplete")
+            return 143
         row = {"init": arm, "n": n, "seed": seed, "seconds_train": round(time.time() - t, 1),
                **score(summary["adapters"], run_dir)}
         runs.append(row)
