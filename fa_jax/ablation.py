@@ -531,7 +531,7 @@ def _lists(d: dict) -> dict:
 
 
 def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:smollm2-135m-instruct",
-                 student: str | None = None, keep_layers="every_other", steps: int = 60, lr: float = 2e-3,
+                 student: str | None = None, keep_layers="every_other", steps: int = 45, lr: float = 2e-3,
                  rank: int = 8, seq_len: int = 256, batch_size: int = 4, kd_alpha: float = 0.5,
                  held_out_fraction: float = 0.05, sweep_rows: int = 16, min_words: int = 20, scales=SCALES,
                  taus=TAUS, seeds=(0,), split_seed: int = 0, mc_items: int | None = 100,

@@ -47,7 +47,7 @@ def main():
     ap.add_argument("--teacher", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--student", default=None, help="student model (default: the teacher's weights)")
     ap.add_argument("--keep-layers", default="every_other", help="every_other | none | i,j,... (the student's layers)")
-    ap.add_argument("--steps", type=int, default=60, help="training steps per adapter")
+    ap.add_argument("--steps", type=int, default=45, help="training steps per adapter")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
