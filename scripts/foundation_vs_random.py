@@ -42,6 +42,7 @@ OUT/task_split.json (test and training terms), OUT/pretrain_corpus.txt, and per 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -129,14 +130,13 @@ def response_nll(student_cfg, student, tokenizer, records, adapters=None, *, seq
 
     from fa_jax import evaluate, sft
 
-    key = (student_cfg, seq_len)
-    if key not in _NLL_FNS:
-        _NLL_FNS[key] = jax.jit(lambda p, a, t, y, m: evaluate.target_logprobs(student_cfg, p, t, y, m, a)[0])
-    fn = _NLL_FNS[key]
+    if student_cfg not in _NLL_FNS:  # one compiled function per student (a frozen dataclass)
+        _NLL_FNS[student_cfg] = jax.jit(lambda p, a, t, y, m: evaluate.target_logprobs(student_cfg, p, t, y, m, a)[0])
+    fn = _NLL_FNS[student_cfg]
+    chat = bool(getattr(tokenizer, "chat_template", None))  # as sft.SFTBatches decides
     rows = []
     for i, r in enumerate(records):
         msgs = sft.to_messages({"prompt": r["question"], "response": r["reference"]}, i)
-        chat = bool(getattr(tokenizer, "chat_template", None))  # as sft.SFTBatches decides
         rows += sft.make_rows([sft.encode(tokenizer, msgs, chat=chat)], seq_len, 0, pack=False)
     out = []
     for s in range(0, len(rows), batch_size):
@@ -187,7 +187,33 @@ def main(argv=None) -> int:
         print(f"{args.text}: missing; run `bash scripts/fetch_text.sh` (or pass --text with a Jargon File copy)")
         return 2
 
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    with _compilation_cache(os.path.join(out, ".jax_cache")):
+        return _experiment(args, ns, seeds, out)
+
+
+@contextlib.contextmanager
+def _compilation_cache(path: str):
+    """JAX's persistent compilation cache in `path` for the experiment only (every fine-tuning run compiles the
+    same step: compile it once, then read it from disk); the caller's settings come back afterwards."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    before = {k: getattr(jax.config, k) for k in keys}
+    for k, v in zip(keys, (path, 0, 0)):
+        jax.config.update(k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
+
+
+def _experiment(args, ns, seeds, out) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -195,13 +221,6 @@ def main(argv=None) -> int:
     from fa_jax import sharding as sh
 
     t0 = time.time()
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    # every fine-tuning run compiles the same step: compile it once, then read it from disk
-    jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
     # 1. the test entries, before anything trains
     records = jargon_records(args.text)
     try:
