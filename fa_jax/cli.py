@@ -10,7 +10,9 @@
     fa-jax merge --base DIR --adapter DIR[:SCALE] ... --out DIR   # partial adaptation -> HF directory
     fa-jax compile --config FILE --topology v5e-8 [key=value ...]  # per-chip HBM, collectives, roofline on a TPU
 
-User mistakes are reported as one line on stderr with exit status 2; no traceback.
+User mistakes are reported as one line on stderr with exit status 2; no traceback. `pretrain` and `sft` exit with
+75 when SIGTERM or SIGINT stopped them with a checkpoint saved (run the same command again to resume), 0 when the
+run finished (or had already finished: then nothing changes) or stopped at run.stop_after.
 """
 from __future__ import annotations
 
@@ -114,13 +116,16 @@ def _run_training(args, kind: str) -> None:
     from fa_jax import run_config, sft, train
 
     defaults = train.pretrain_defaults() if kind == "pretrain" else sft.sft_defaults()
-    cfg = run_config.load(args.config, defaults, args.overrides)
+    overrides = list(args.overrides) + (["run.force_resume=true"] if args.force_resume else [])
+    cfg = run_config.load(args.config, defaults, overrides)
     if args.print_config:
         import json
 
         print(json.dumps(cfg, indent=2, default=str))
         return
     summary = train.pretrain(cfg) if kind == "pretrain" else sft.finetune(cfg)
+    if summary.get("status") == "already finished":
+        return 0
     m = summary["metrics"]
     terms = (f"kd {m.get('kd', float('nan')):.4f}, lm {m.get('lm', float('nan')):.4f}" if kind == "pretrain" else
              f"response-token cross-entropy {m.get('lm', float('nan')):.4f}")
@@ -128,6 +133,9 @@ def _run_training(args, kind: str) -> None:
           f"{m.get('tokens_per_s', 0):.0f} tokens/s")
     print(f"wrote {summary['out_dir']} (checkpoints, metrics.jsonl, tensorboard/, loss_curve.png"
           + (", adapter_peft/)" if "peft_adapter" in summary else ")"))
+    if summary.get("status") == "interrupted":
+        return train.EXIT_INTERRUPTED
+    return 0
 
 
 def _load_eval_adapter(path, config, keep_layers):
@@ -220,6 +228,29 @@ def _truncate(args) -> None:
         print(f"note: {kept['note']}", file=sys.stderr)
 
 
+def _dtype_arg(text: str) -> str:
+    """--dtype of convert / merge: a floating-point dtype name (an argparse usage error otherwise)."""
+    from fa_jax.validation import FLOAT_DTYPES
+
+    if text not in FLOAT_DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(FLOAT_DTYPES)}")
+    return text
+
+
+def _shard_size_arg(text: str) -> str:
+    """--max-shard-size: a positive size as save_hf parses it (5GB, 500MB, 2GiB or bytes); kept as given."""
+    from fa_jax.io.hf import _parse_size
+
+    try:
+        ok = _parse_size(text) > 0
+    except (ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive size such as 5GB, 500MB, 2GiB or a number "
+                                         "of bytes")
+    return text
+
+
 def _parse_adapter(text: str):
     path, _, scale = text.rpartition(":")
     if not path or not scale:
@@ -266,6 +297,9 @@ def _add_run_args(s) -> None:
                    help="one process per host: join the others (FA_JAX_COORDINATOR / FA_JAX_NUM_PROCESSES / "
                         "FA_JAX_PROCESS_ID, or the cluster's own detection on TPU pods, SLURM, Open MPI)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    s.add_argument("--force-resume", action="store_true",
+                   help="resume although optimisation settings changed (more run.steps, optim.*, loss.*); "
+                        "structural changes (models, data, adapter layout, seq_len, batch) are refused regardless")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
 
 
@@ -278,8 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="write a checkpoint (HF directory or .gguf) as a Hugging Face directory")
     s.add_argument("path", help="Hugging Face model directory or .gguf file")
     s.add_argument("out", help="output directory (must not exist unless --overwrite)")
-    s.add_argument("--dtype", default="float32", help="storage dtype of the output (float32, bfloat16, float16)")
-    s.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size")
+    s.add_argument("--dtype", default="float32", type=_dtype_arg,
+                   help="storage dtype of the output (float32, bfloat16, float16)")
+    s.add_argument("--max-shard-size", default="5GB", type=_shard_size_arg,
+                   help="split weights into files of at most this size (e.g. 5GB, 500MB)")
     s.add_argument("--no-tokenizer", action="store_true", help="do not save the tokenizer")
     s.add_argument("--keep-layers", help="write a pruned model: every_other or comma-separated layer indices (the "
                    "student of a keep_layers run, e.g. to load its PEFT adapter in transformers)")
@@ -354,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter", action="append", required=True, metavar="DIR[:SCALE]",
                    help="an RE-Adapter, PEFT LoRA/LoRE directory or fa_jax run, with its scale (default 1)")
     s.add_argument("--out", required=True, help="output HF directory")
-    s.add_argument("--dtype", help="storage dtype of the output (default: the base's)")
+    s.add_argument("--dtype", type=_dtype_arg, help="storage dtype of the output (default: the base's)")
     s.add_argument("--tokenizer", metavar="DIR",
                    help="copy the tokenizer files (tokenizer.json, tokenizer_config.json, chat_template.jinja, "
                         "generation_config.json, ...) from DIR, e.g. the instruct model's directory, so the merged "
@@ -367,11 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        status = args.fn(args)
     except FaJaxError as e:
         print(f"fa-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except OSError as e:  # a write (or read) the command did not turn into a FaJaxError: disk full, read-only, ...
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"fa-jax {args.command}: error: {where}{e.strerror or e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,15 @@ class MetricsLogger:
         self.tb = None
         if self.main:
             os.makedirs(out_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+            path = os.path.join(out_dir, "metrics.jsonl")
+            # A resumed run replays the steps after its checkpoint: their old records go, the earlier ones stay
+            # (and are plotted with the new ones).
+            self.history = [r for r in read_history(out_dir) if r.get("step", 0) <= start_step]
+            if os.path.exists(path):
+                from fa_jax.io.atomic import write_text
+
+                write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
+            self.jsonl = open(path, "a")
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter
@@ -82,8 +90,14 @@ def read_history(out_dir: str) -> list[dict]:
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut by a kill mid-write
+                continue
+    return [r for r in out if isinstance(r, dict)]
 
 
 def plot_curves(history: list[dict], path: str, keys=("loss", "kd", "lm"), title: str = "training") -> str | None:

@@ -336,9 +336,10 @@ def load_student(cfg, mesh, rules):
 
 def finetune(cfg, batches=None) -> dict:
     """Run (or resume) SFT as `cfg` says (see `sft_defaults`); returns the summary dict of `train.train_loop`."""
-    from fa_jax import train
+    from fa_jax import train, validation
 
     cfg = run_config.wrap(cfg)
+    validation.check_run_config(cfg, "sft", batches_given=batches is not None)
     parse_init(cfg.init)
     mesh = sh.make_mesh(cfg.mesh.shape)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -349,14 +350,16 @@ def finetune(cfg, batches=None) -> dict:
                          f"{jax.process_count() * int(cfg.optim.grad_accum)}")
     if batches is None and cfg.data.train is None:
         raise FaJaxError("data.train is not set: give a JSONL/parquet file or a save_to_disk directory of records")
-    out_dir = train.prepare_out_dir(cfg)
-    rules = train.mesh_rules(cfg)
-    student_cfg, student, tokenizer, teacher_cfg, teacher = load_student(cfg, mesh, rules)
-    adapters = load_initial_adapter(cfg, student_cfg)
-    if batches is None:
-        d = cfg.data
-        batches = SFTBatches(load_records(d.train, max_examples=d.max_examples), tokenizer, seq_len=int(d.seq_len),
-                             global_rows=B, seed=int(d.seed), pack=bool(d.pack), chat=bool(d.chat_template),
-                             prompt_field=d.prompt_field, response_field=d.response_field)
-    return train.train_loop(cfg, mesh, rules, out_dir, (teacher_cfg, teacher, student_cfg, student), batches,
-                            desc="sft", adapters=adapters)
+    with train.open_run(cfg, "sft", batches is not None) as run:
+        if run.finished is not None:
+            return run.finished
+        rules = train.mesh_rules(cfg)
+        student_cfg, student, tokenizer, teacher_cfg, teacher = load_student(cfg, mesh, rules)
+        adapters = load_initial_adapter(cfg, student_cfg)
+        if batches is None:
+            d = cfg.data
+            batches = SFTBatches(load_records(d.train, max_examples=d.max_examples), tokenizer,
+                                 seq_len=int(d.seq_len), global_rows=B, seed=int(d.seed), pack=bool(d.pack), chat=bool(d.chat_template),
+                                 prompt_field=d.prompt_field, response_field=d.response_field)
+        return train.train_loop(cfg, mesh, rules, run.path, (teacher_cfg, teacher, student_cfg, student), batches,
+                                desc="sft", adapters=adapters)

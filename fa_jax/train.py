@@ -60,7 +60,10 @@ def pretrain_defaults() -> dict:
                 "keep_checkpoints": 3, "async_checkpoint": True, "resume": True, "tensorboard": True,
                 "export_peft": True, "peak_flops": None,
                 "memory_budget": None,  # bytes per device for model.remat=auto (e.g. "12GiB"); None: the device's
-                "stop_after": None},  # stop (with a checkpoint) after this many steps of this run; resume later
+                "stop_after": None,  # stop (with a checkpoint) after this many steps of this run; resume later
+                # resume although optimisation settings differ from the run's (more steps, another lr schedule, loss
+                # weights; see fa_jax/rundir.py); structural changes are refused regardless
+                "force_resume": False},
     }
 
 
@@ -350,11 +353,19 @@ class RowStreams:
     8 devices and two processes with 4 devices each therefore train on identical batches.
     """
 
-    def __init__(self, documents, tokenizer, *, seq_len: int, global_rows: int, seed: int, **kw):
+    def __init__(self, documents, tokenizer, *, seq_len: int, global_rows: int, seed: int, name: str = "data.train",
+                 **kw):
         from fa_jax.data import PackedBatches
 
         P, p = jax.process_count(), jax.process_index()
         local = global_rows // P
+        try:
+            n = len(documents)
+        except TypeError:  # a streaming source: its size is not known up front
+            n = None
+        if n is not None and n < global_rows:
+            raise FaJaxError(f"{name}: {n} document(s) for {global_rows} batch rows (data.batch_size); each row "
+                             "reads its own documents, so give at least data.batch_size documents")
         self.streams = [PackedBatches(documents, tokenizer, seq_len=seq_len, batch_size=1, seed=seed,
                                       process_index=r, process_count=global_rows, **kw)
                         for r in range(p * local, (p + 1) * local)]
@@ -380,58 +391,104 @@ class RowStreams:
 # --------------------------------------------------------------------------------------------- the loop
 
 
+EXIT_INTERRUPTED = 75  # the command's exit status after SIGTERM / SIGINT with a checkpoint saved (EX_TEMPFAIL)
+
+
 class _Stop:
-    """SIGTERM (preemption) asks the loop to checkpoint and exit at the next step boundary."""
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit at the next step boundary; a
+    second SIGINT interrupts at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested = None  # the name of the signal received
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread: no signal handling
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: no signal handling
+                pass
         return self
 
-    def _handler(self, *_):
-        self.requested = True
+    def _handler(self, signum, frame):
+        if self.requested == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\nSIGINT: saving a checkpoint at the end of this step (Ctrl-C again to abort without one)",
+                  flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def pretrain(cfg, batches=None) -> dict:
     """Run (or resume) pre-training as `cfg` says; returns a summary dict (also written to out_dir/summary.json).
 
     `batches`: an iterator of local batches to use instead of building one from cfg.data (tests).
+    summary["status"]: "finished", "stopped" (run.stop_after) or "interrupted" (SIGTERM / SIGINT, checkpoint
+    saved); a run directory that already finished is left as it is and its summary returned.
     """
     from fa_jax import data as data_lib
+    from fa_jax import validation
 
     cfg = run_config.wrap(cfg)
+    validation.check_run_config(cfg, "pretrain", batches_given=batches is not None)
     mesh = sh.make_mesh(cfg.mesh.shape)
     if batches is None:
         validate(cfg, mesh)
-    out_dir = prepare_out_dir(cfg)
-    rules = mesh_rules(cfg)
-    teacher_cfg, teacher, student_cfg, student, tokenizer = load_models(cfg, mesh, rules)
-    if batches is None:
-        d = cfg.data
-        docs = data_lib.load_documents(d.train, split=d.text_split, text_field=d.text_field, on_error=d.on_error,
-                                       streaming=bool(d.streaming))
-        batches = RowStreams(docs, tokenizer, seq_len=int(d.seq_len), global_rows=int(d.batch_size), seed=int(d.seed),
-                             add_bos=d.add_bos, add_eos=d.add_eos, on_error=d.on_error, streaming=bool(d.streaming),
-                             split=d.text_split, text_field=d.text_field)
-    return train_loop(cfg, mesh, rules, out_dir, (teacher_cfg, teacher, student_cfg, student), batches,
-                      desc="pretrain")
+    with open_run(cfg, "pretrain", batches is not None) as run:
+        if run.finished is not None:
+            return run.finished
+        rules = mesh_rules(cfg)
+        teacher_cfg, teacher, student_cfg, student, tokenizer = load_models(cfg, mesh, rules)
+        if batches is None:
+            d = cfg.data
+            docs = data_lib.load_documents(d.train, split=d.text_split, text_field=d.text_field, on_error=d.on_error,
+                                           streaming=bool(d.streaming))
+            batches = RowStreams(docs, tokenizer, seq_len=int(d.seq_len), global_rows=int(d.batch_size),
+                                 seed=int(d.seed), add_bos=d.add_bos, add_eos=d.add_eos, on_error=d.on_error,
+                                 streaming=bool(d.streaming), split=d.text_split, text_field=d.text_field,
+                                 name=f"data.train={d.train}")
+        return train_loop(cfg, mesh, rules, run.path, (teacher_cfg, teacher, student_cfg, student), batches,
+                          desc="pretrain")
+
+
+def open_run(cfg, kind: str, batches_given: bool):
+    """The run directory as a context manager (fa_jax.rundir.RunDir): identity check against an existing run
+    before anything changes, the lock (process 0), config.json and run.json; what a run that fails before its
+    first checkpoint wrote is removed again. A finished run's `.finished` is its summary (with a message)."""
+    from fa_jax import rundir
+
+    run = rundir.RunDir(cfg, kind, batches_given=batches_given, main=jax.process_index() == 0)
+
+    class _Ctx:
+        def __enter__(self):
+            run.__enter__()
+            if run.finished is not None:
+                print(f"{run.path}: this run already finished (step {run.finished.get('step')} of "
+                      f"{cfg.run.steps}); nothing changed. To train further raise run.steps and pass --force-resume")
+                run.finished = dict(run.finished, status="already finished")
+            return run
+
+        def __exit__(self, *exc):
+            return run.__exit__(*exc)
+
+    return _Ctx()
 
 
 def prepare_out_dir(cfg) -> str:
+    """Create run.out_dir and write config.json (for callers that manage the directory themselves; `pretrain`
+    and `finetune` go through `open_run`)."""
+    from fa_jax.io.atomic import write_text
+
     out_dir = os.path.abspath(cfg.run.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if jax.process_index() == 0:
-        run_config.dump(cfg, os.path.join(out_dir, "config.json"))
+        write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True, default=str))
     return out_dir
 
 
@@ -477,9 +534,12 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
                         async_save=bool(cfg.run.async_checkpoint))
     start = 0
     if cfg.run.resume and ckpt.latest_step() is not None:
-        start, state, data_state = ckpt.restore(abstract_like(state))
-        if data_state is not None and hasattr(batches, "restore"):
+        positional = hasattr(batches, "restore")
+        start, state, data_state = ckpt.restore(abstract_like(state), need_data=positional)
+        if positional:
             batches.restore(data_state)
+        else:
+            print("note: these batches have no position to restore; they start again from their beginning")
         print(f"resumed from step {start} ({ckpt.directory})")
     steps = int(cfg.run.steps)
     stop_at = steps if cfg.run.stop_after is None else min(steps, start + int(cfg.run.stop_after))
@@ -521,21 +581,25 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
             if stop.requested or (int(cfg.run.save_every) and step % int(cfg.run.save_every) == 0):
                 ckpt.save(step, state, batches.state() if hasattr(batches, "state") else None)
             if stop.requested:
-                print(f"SIGTERM: checkpoint saved at step {step}, exiting")
+                ckpt.wait()
+                print(f"{stop.requested}: checkpoint saved at step {step}; run the same command again to resume")
                 break
     if step == stop_at and ckpt.latest_step() != step:
         ckpt.save(step, state, batches.state() if hasattr(batches, "state") else None, force=True)
     ckpt.close()
     plot = logger.close()
-    summary = {"step": step, "steps": steps, "out_dir": out_dir, "metrics": last, "compilations": len(traces),
+    status = "finished" if step >= steps else "interrupted" if stop.requested else "stopped"
+    summary = {"step": step, "steps": steps, "status": status, "out_dir": out_dir, "metrics": last,
+               "compilations": len(traces),
                "remat": remat or "none",
                "checkpoints": ckpt.directory, "loss_curve": plot}
     if step >= steps and cfg.run.export_peft:
         summary["peft_adapter"] = export_peft(student_cfg, state["adapters"], os.path.join(out_dir, "adapter_peft"),
                                               cfg)
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+        from fa_jax.io.atomic import write_text
+
+        write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
     summary["adapters"] = state["adapters"]
     return summary
 
