@@ -188,10 +188,11 @@ class Checkpointer:
             raise FaJaxError(f"its data position {os.path.relpath(path, self.directory)} is unreadable "
                              f"({_first_line(e)})") from None
 
-    def restore(self, abstract_state, step: int | None = None, need_data: bool = False):
+    def restore(self, abstract_state, step: int | None = None, need_data: bool = False, set_aside: bool = True):
         """(step, state, data_state) of the newest checkpoint that restores completely (or of `step`); state
-        placed as `abstract_state` says. Newer checkpoints that fail are reported and moved aside. `need_data`:
-        a checkpoint without this process's data position does not count as complete."""
+        placed as `abstract_state` says. Newer checkpoints that fail are reported and (`set_aside`: a resuming run,
+        not a reader) moved aside. `need_data`: a checkpoint without this process's data position does not count
+        as complete."""
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise FaJaxError(f"{self.directory}: no checkpoint to resume from")
@@ -209,7 +210,7 @@ class Checkpointer:
                 print(f"checkpoint {s} skipped: {reason}")
                 skipped.append((s, reason))
                 continue
-            if skipped:
+            if skipped and set_aside:
                 self._set_aside([s_ for s_, _ in skipped])
             return s, restored["state"], data_state
         listed = "; ".join(f"{s}: {r}" for s, r in skipped)

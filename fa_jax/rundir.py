@@ -40,8 +40,8 @@ FREE_KEYS = ("run.out_dir", "run.log_every", "run.save_every", "run.keep_checkpo
              "run.tensorboard", "run.export_peft", "run.peak_flops", "run.memory_budget", "run.stop_after",
              "run.resume", "run.force_resume", "mesh.shape", "mesh.rules", "model.remat", "model.attention",
              "loss.chunk_size", "data.streaming",
-             # the paths of models may move; their fingerprints (models.*) decide
-             "model.teacher", "model.student")
+             # models and data files may move: their fingerprints (models.*, data.*) decide
+             "model.teacher", "model.student", "data.train")
 # Prefixes / keys whose change a user may make deliberately with --force-resume.
 SAFE_KEYS = ("run.steps", "optim.", "loss.", "adapter.dropout", "model.compute_dtype")
 
@@ -200,9 +200,9 @@ def check_resume(old: dict, new: dict, run_dir: str, force: bool) -> list[str]:
     """Refuse (FaJaxError) a resume whose identity differs structurally, or in safe keys without `force`.
     Returns the safe keys that differ (accepted with force), for a message."""
     diff = differences(old, new)
-    if "data" in old and old.get("data") is None or new.get("data") is None:
-        diff = {k: v for k, v in diff.items() if not k.startswith("data")}
-    if old.get("data") == "given by the caller" or new.get("data") == "given by the caller":
+    unknown = (None, "given by the caller")
+    if "data" in old and (old.get("data") in unknown or new.get("data") in unknown):
+        # batches from the caller, or a Python object without a fingerprint: the caller answers for the data
         diff = {k: v for k, v in diff.items() if not (k == "data" or k.startswith("data."))}
     structural = {k: v for k, v in diff.items() if key_class(k) == "structural"}
     safe = {k: v for k, v in diff.items() if key_class(k) == "safe"}
