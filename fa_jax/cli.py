@@ -17,6 +17,7 @@ run finished (or had already finished: then nothing changes) or stopped at run.s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -167,7 +168,7 @@ def _eval(args) -> None:
     import fa_jax
     from fa_jax import evaluate
     from fa_jax.embedded import resolve_model_path
-    from fa_jax.io.atomic import write_text
+    from fa_jax.io.atomic import atomic_dir, write_text
     from fa_jax.models import transformer
 
     if not (args.perplexity or args.agreement or args.qa):
@@ -187,23 +188,27 @@ def _eval(args) -> None:
     adapters = load_adapter_dir(config, adapter_dir) if adapter_dir else None
     summary = {"model": args.model, "adapter": args.adapter, "keep_layers": keep}
     kw = dict(seq_len=args.seq_len, batch_size=args.batch_size)
-    if args.perplexity:
-        summary["perplexity"] = evaluate.perplexity(config, params, tokenizer, args.perplexity, adapters=adapters,
-                                                    **kw)
-    if args.agreement:
-        t_path = resolve_model_path(args.teacher)
-        t_cfg, teacher = fa_jax.load_model(t_path, dtype=args.dtype)
-        summary["teacher_agreement"] = evaluate.teacher_agreement(t_cfg, teacher, config, params, tokenizer,
-                                                                  args.agreement, adapters=adapters, **kw)
-    if args.qa:
-        summary["qa"] = evaluate.evaluate_qa(config, params, tokenizer, args.qa, adapters=adapters,
-                                             max_new_tokens=args.max_new_tokens, with_context=args.with_context,
-                                             prompt_format=args.prompt_format, out_dir=args.out)
-    text = json.dumps(summary, indent=2, default=str)
-    print(text)
+    # a new --out directory appears complete or not at all; files in an existing one are each replaced atomically
+    out_ctx = contextlib.nullcontext(None)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        write_text(os.path.join(args.out, "eval_summary.json"), text + "\n")
+        out_ctx = contextlib.nullcontext(args.out) if os.path.isdir(args.out) else atomic_dir(args.out)
+    with out_ctx as out:
+        if args.perplexity:
+            summary["perplexity"] = evaluate.perplexity(config, params, tokenizer, args.perplexity,
+                                                        adapters=adapters, **kw)
+        if args.agreement:
+            t_path = resolve_model_path(args.teacher)
+            t_cfg, teacher = fa_jax.load_model(t_path, dtype=args.dtype)
+            summary["teacher_agreement"] = evaluate.teacher_agreement(t_cfg, teacher, config, params, tokenizer,
+                                                                      args.agreement, adapters=adapters, **kw)
+        if args.qa:
+            summary["qa"] = evaluate.evaluate_qa(config, params, tokenizer, args.qa, adapters=adapters,
+                                                 max_new_tokens=args.max_new_tokens, with_context=args.with_context,
+                                                 prompt_format=args.prompt_format, out_dir=out)
+        text = json.dumps(summary, indent=2, default=str)
+        print(text)
+        if out:
+            write_text(os.path.join(out, "eval_summary.json"), text + "\n")
 
 
 def _diff(args) -> None:

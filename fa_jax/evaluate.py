@@ -41,14 +41,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import unicodedata
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fa_jax import losses
+from fa_jax import checks, losses
 from fa_jax.errors import FaJaxError
 from fa_jax.models import transformer
 
@@ -135,6 +134,8 @@ def perplexity(config, params, tokenizer, documents, *, adapters=None, seq_len: 
     files) as in `load_documents`. adapters: a LoRA tree for the model, or None. dtype: the
     compute dtype (e.g. "bfloat16"); logits and the loss stay float32. One compilation per call.
     """
+    checks.check_adapters(config, adapters)
+
     def step(params, adapters, b):
         h = transformer.hidden_states(config, params, b["tokens"], adapters, segment_ids=b["segment_ids"],
                                       positions=b["positions"], dtype=dtype)
@@ -215,6 +216,7 @@ def teacher_agreement(teacher_cfg, teacher, student_cfg, student, tokenizer, doc
     the teacher only once.
     """
     _check_temperature(temperature)
+    checks.check_adapters(student_cfg, adapters)
     teacher_step = _teacher_fn(teacher_cfg, dtype, chunk_size)
     step = _agreement_fn(teacher_cfg, student_cfg, temperature, dtype, chunk_size)
     sums = np.zeros(4, np.float64)
@@ -393,6 +395,7 @@ class TeacherReference:
     def score(self, student_cfg, student, adapters=None) -> dict:
         """{"kl", "top1_agreement", "student_nll", "perplexity", "tokens"} of one student on the held-out rows;
         per_document adds "per_document": {"nll_sum", "kl_sum", "agreement_sum", "tokens"}, arrays [documents]."""
+        checks.check_adapters(student_cfg, adapters)
         key = student_cfg  # a frozen dataclass: students with the same config share one compiled step
         if key not in self._steps:
             self._steps[key] = _agreement_fn(self.teacher_cfg, student_cfg, self.temperature, self.dtype,
@@ -492,10 +495,14 @@ class MultipleChoice:
 
     def score(self, config, params, adapters=None) -> dict:
         """{"logprob": [N, K] summed log-probabilities of the choices, "tokens": [N, K] their token counts}."""
+        checks.check_adapters(config, adapters)
+        prompt, choice, cmask = self._arrays
+        # a tokenizer of another model gives ids this one has not (padding: -1 in prompts, 0 in choices)
+        checks.check_token_ids(config, np.maximum(prompt, 0), "the tokenized prompts")
+        checks.check_token_ids(config, choice.reshape(len(choice), -1), "the tokenized choices")
         if config not in self._steps:
             self._steps[config] = _choice_fn(config, self.dtype)
         step = self._steps[config]
-        prompt, choice, cmask = self._arrays
         out = []
         for s in range(0, len(prompt), self.batch_size):
             b = slice(s, s + self.batch_size)
@@ -511,8 +518,10 @@ def target_logprobs(config, params, tokens, targets, mask, adapters=None, *, dty
     model's most likely token there. tokens, targets int [B, T]; mask [B, T], 1 for real tokens (padding on either
     side; positions count from the first real token). Both outputs are 0 / False where mask is 0. The LM head runs
     in chunks of `chunk_size` time steps, so [B, T, V] float32 logits never exist at once. Jit it with the config
-    closed over (as `fa_jax.lm_eval_bridge` does).
+    closed over (as `fa_jax.lm_eval_bridge` does). tokens and targets are checked as `forward` checks its tokens.
     """
+    checks.check_tokens(config, tokens, mask=mask, targets=targets)
+    checks.check_token_ids(config, targets, "targets")
     h = transformer.hidden_states(config, params, tokens, adapters, mask=mask, dtype=dtype)
     head, vd = transformer.lm_head(config, params)
     B, T, D = h.shape
@@ -788,12 +797,6 @@ def evaluate_qa(config, params, tokenizer, records, *, adapters=None, generate_f
 
 def _write_atomic(path: str, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path` (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from fa_jax.io.atomic import write_text
+
+    write_text(path, text)

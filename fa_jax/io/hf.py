@@ -216,10 +216,13 @@ def _shards(entries, limit: int):
 
 
 def write_dir(out_dir: str, entries, config_dict: dict, extra_files: dict | None = None,
-              max_shard_size="5GB", overwrite: bool = False, desc: str = "writing", tokenizer=None) -> str:
+              max_shard_size="5GB", overwrite: bool = False, desc: str = "writing", tokenizer=None,
+              fill=None) -> str:
     """An HF-style directory: config.json, safetensors (sharded with an index above `max_shard_size`) and any
     extra JSON files, and the tokenizer if given; written atomically; tensors are produced one at a time by their
-    fetch functions (an array, or an iterator of row blocks)."""
+    fetch functions (an array, or an iterator of row blocks). fill(directory): writes more files into the
+    temporary directory before it is renamed into place. A failed write (disk full, ...) leaves nothing and is a
+    FaJaxError naming `out_dir` (`atomic.atomic_dir`)."""
     shards = _shards(entries, _parse_size(max_shard_size))
     bar = tqdm(total=len(entries), desc=desc, unit="tensor", disable=None, leave=False)
 
@@ -252,5 +255,7 @@ def write_dir(out_dir: str, entries, config_dict: dict, extra_files: dict | None
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if fill is not None:
+            fill(tmp)
     bar.close()
     return out_dir
