@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib.util
 import json
 import os
+import types
 
 from fa_jax.errors import FaJaxError
 
@@ -40,14 +40,24 @@ def wrap(d) -> Config:
 
 
 def _check_type(key: str, old, new, where: str):
+    """`new` for `key` whose default is `old`: an int for a float default becomes a float; a float for an int
+    default, a non-bool for a bool, a non-number for a number, a section replaced by a value or a value by a
+    section are errors."""
     if old is None or new is None:
         return new
+    if isinstance(old, dict) and old and not isinstance(new, dict):
+        raise FaJaxError(f"{where}: {key}={new!r} should be a section (a dict of settings such as "
+                         f"{{{next(iter(old))!r}: ...}}), like its default")
+    if isinstance(new, dict) and isinstance(old, (bool, int, float, str)):
+        raise FaJaxError(f"{where}: {key}={new!r} should be a single value like its default {old!r}, not a section")
     if isinstance(old, bool) != isinstance(new, bool):
         raise FaJaxError(f"{where}: {key}={new!r} should be a bool like its default {old!r}")
     if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
         return float(new)
     if isinstance(old, (int, float)) and not isinstance(new, (int, float)):
         raise FaJaxError(f"{where}: {key}={new!r} should be a number like its default {old!r}")
+    if isinstance(old, int) and not isinstance(old, bool) and isinstance(new, float):
+        raise FaJaxError(f"{where}: {key}={new!r}: expected an integer (like its default {old!r})")
     return new
 
 
@@ -62,7 +72,8 @@ def merge(defaults: dict, update: dict, where: str, prefix: str = "") -> Config:
         if isinstance(out[k], dict) and out[k] and isinstance(v, dict):
             out[k] = merge(out[k], v, where, key + ".")
         else:
-            out[k] = wrap(v) if isinstance(v, dict) else _check_type(key, out[k], v, where)
+            v = _check_type(key, out[k], v, where)
+            out[k] = wrap(v) if isinstance(v, dict) else v
     return out
 
 
@@ -98,18 +109,38 @@ def read_file(path: str) -> dict:
     """The dict a config file's `get_config()` returns; a missing file, a syntax error or no dict is one line."""
     if not os.path.exists(path):
         raise FaJaxError(f"{path}: config file not found")
-    spec = importlib.util.spec_from_file_location(f"fa_jax_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
+    if os.path.isdir(path):
+        raise FaJaxError(f"{path}: a directory; expected a Python config file defining get_config()")
+    # compiled and run here, whatever the file's name ends in, and without writing __pycache__ next to it
     try:
-        spec.loader.exec_module(module)
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError as e:
+        raise FaJaxError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    module = types.ModuleType(f"fa_jax_config_{abs(hash(path))}")
+    module.__file__ = path
+    try:
+        exec(compile(source, path, "exec", dont_inherit=True), module.__dict__)
     except SyntaxError as e:
         raise FaJaxError(f"{path}:{e.lineno}: syntax error in config file ({e.msg})") from None
-    if not hasattr(module, "get_config"):
+    except Exception as e:  # the file's own code failed (a NameError, a failed import, a null byte, ...)
+        raise FaJaxError(f"{path}: running the config file failed ({_one_line(e)})") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
         raise FaJaxError(f"{path}: a config file must define get_config()")
-    got = module.get_config()
+    try:
+        got = get_config()
+    except Exception as e:
+        raise FaJaxError(f"{path}: get_config() failed ({_one_line(e)})") from None
     if not isinstance(got, dict):
-        raise FaJaxError(f"{path}: get_config() returned a {type(got).__name__}; expected a dict of settings")
+        raise FaJaxError(f"{path}: get_config() returned {'None' if got is None else 'a ' + type(got).__name__}; "
+                         "expected a dict of settings")
     return got
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def load(path: str | None, defaults: dict, overrides=(), settings: dict | None = None) -> Config:
