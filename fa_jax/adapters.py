@@ -75,7 +75,8 @@ def init_adapter(config, rng, a, params=None):
     if kind in ("lora", "dora"):
         if kind == "dora" and params is None:
             raise FaJaxError("adapter.kind='dora': the base parameters are needed (magnitude = their column norms)")
-        return lora.init_lora(config, rng, rank=int(a["rank"]), alpha=float(a["alpha"]), targets=a["targets"],
+        rank = lora.check_rank(a["rank"], "adapter.rank")  # 2.5 is an error, not rank 2
+        return lora.init_lora(config, rng, rank=rank, alpha=float(a["alpha"]), targets=a["targets"],
                               use_rslora=bool(a["use_rslora"]), init=a["init"], use_dora=kind == "dora",
                               params=params if kind == "dora" else None)
     if kind == "bottleneck":

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fa_jax import checks
 from fa_jax import prompts as prompts_lib
 from fa_jax.errors import FaJaxError
 from fa_jax.models import transformer
@@ -283,6 +284,7 @@ def generate_tokens(config, params, prompt_ids: list[list[int]], *, adapters=Non
     dtype: compute dtype (e.g. "bfloat16"; default the parameters' dtype).
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    checks.check_adapters(config, adapters)
     prompts = _check_prompts(config, prompt_ids)
     if not prompts:
         return []
@@ -319,6 +321,7 @@ def generate_text(config, params, tokenizer, prompts: list[str], *, adapters=Non
     settings as in `generate_tokens`; prompt i uses the same random stream whatever the batch.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    checks.check_adapters(config, adapters)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
         raise FaJaxError("prompts: expected a list of strings")
     stops = [stop] if isinstance(stop, str) else list(stop or [])

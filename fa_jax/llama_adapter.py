@@ -146,8 +146,11 @@ def save_llama_adapter(config, adapters, out_dir: str, *, base_model_name_or_pat
         entries.append((base + PROMPT, (1, n, config.hidden_size), out_dt(pr),
                         lambda pr=pr: np.asarray(jax.device_get(pr))[None]))
         entries.append((base + GATE, (1,), out_dt(g), lambda g=g: np.asarray(jax.device_get(g))))
+    from fa_jax.io.peft import write_model_record
+
     with atomic_dir(out_dir, overwrite) as tmp:
         write(os.path.join(tmp, WEIGHTS), entries, metadata={"format": "pt"})
+        write_model_record(config, tmp)  # the model it was made for (fa-jax merge and friends compare it)
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
     return out_dir

@@ -98,6 +98,50 @@ def apply_dora(x, y, kernel, adapter, dropout=None):
     return y + (g - 1) * yd + g * _low_rank(xd, a, b, scale)
 
 
+def check_module(path: str, adapter, d_in: int, d_out: int, where: str) -> None:
+    """A FaJaxError (prefixed `where`) unless `adapter` is a LoRA / DoRA module for a linear layer [d_in, d_out]:
+    lora_A [d_in, r], lora_B [r, d_out], a scale, and magnitude [d_out] if DoRA. Shapes only: cheap, and fine on
+    tracers."""
+    import numpy as np
+
+    keys = sorted(adapter) if isinstance(adapter, dict) else None
+    if keys is None or "lora_A" not in adapter or "lora_B" not in adapter or "scale" not in adapter:
+        got = f"keys {keys}" if keys is not None else f"a {type(adapter).__name__}"
+        raise FaJaxError(f"{where}: {path} holds {got}, expected a LoRA module (lora_A, lora_B, scale"
+                         f"[, magnitude])")
+    extra = [k for k in keys if k not in ("lora_A", "lora_B", "scale", "magnitude")]
+    if extra:
+        raise FaJaxError(f"{where}: {path}.{extra[0]} is not part of a LoRA module (lora_A, lora_B, scale"
+                         f"[, magnitude])")
+    a, b = tuple(np.shape(adapter["lora_A"])), tuple(np.shape(adapter["lora_B"]))
+    if len(a) != 2 or len(b) != 2:
+        raise FaJaxError(f"{where}: {path} has lora_A {list(a)} and lora_B {list(b)}, expected [{d_in}, r] and "
+                         f"[r, {d_out}]")
+    if a[0] != d_in:
+        raise FaJaxError(f"{where}: adapter for another model: {path} has in-features {a[0]} (lora_A {list(a)}), "
+                         f"the model's module has {d_in}")
+    if b[1] != d_out:
+        raise FaJaxError(f"{where}: adapter for another model: {path} has out-features {b[1]} (lora_B {list(b)}), "
+                         f"the model's module has {d_out}")
+    if a[1] != b[0]:
+        raise FaJaxError(f"{where}: {path} has lora_A {list(a)} and lora_B {list(b)}: their ranks differ")
+    if "magnitude" in adapter and tuple(np.shape(adapter["magnitude"])) != (d_out,):
+        raise FaJaxError(f"{where}: adapter for another model: {path}.magnitude has shape "
+                         f"{list(np.shape(adapter['magnitude']))}, the model's module has {d_out} out-features")
+
+
+def check_rank(value, what: str = "LoRA rank") -> int:
+    """An integer rank >= 1 as an int: Python / NumPy ints and integral floats (8.0 from a config file) pass;
+    a non-integral float is an error, never rounded."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
+        raise FaJaxError(f"{what}={value!r}: expected an integer >= 1 (ranks are not rounded)")
+    if int(value) < 1:
+        raise FaJaxError(f"{what} must be >= 1, got {value}")
+    return int(value)
+
+
 def materialize(kernel, adapter):
     """W + scale * A @ B for LoRA, m * V / ||V||_c with V = W + scale * A @ B for DoRA; in W's dtype (formed in
     float32)."""
@@ -165,8 +209,7 @@ def init_lora(config, rng, rank: int = 8, alpha: float = 16.0, targets="all-line
     `use_dora` makes every module DoRA, with `magnitude` = the column norms of the base kernels: it needs the base
     `params` (see `init_magnitude`).
     """
-    if int(rank) < 1:
-        raise FaJaxError(f"LoRA rank must be >= 1, got {rank}")
+    rank = check_rank(rank)
     if use_dora and params is None:
         raise FaJaxError("init_lora(use_dora=True) needs the base params (params=...): DoRA's magnitude starts at "
                          "the column norms of the base weights")
@@ -180,9 +223,7 @@ def init_lora(config, rng, rank: int = 8, alpha: float = 16.0, targets="all-line
                 raise FaJaxError(f"LoRA {name} key {k!r} matches no module of this {config.model_type} model "
                                  f"(module names: {', '.join(sorted({p.rsplit('.', 1)[-1] for p in shapes}))}, "
                                  f"or full module paths)")
-    for k, v in (rank_pattern or {}).items():
-        if int(v) < 1:
-            raise FaJaxError(f"LoRA rank_pattern[{k!r}] must be >= 1, got {v}")
+    rank_pattern = {k: check_rank(v, f"LoRA rank_pattern[{k!r}]") for k, v in (rank_pattern or {}).items()}
     tree: dict = {}
     keys = jax.random.split(rng, len(paths))
     for key, path in zip(keys, paths):
@@ -236,7 +277,13 @@ def merge_into(params, adapters):
 
     out = params
     for path, ad in iter_modules(adapters):
-        kernel = get_path(params, path + ".kernel")
+        try:
+            kernel = get_path(params, path + ".kernel")
+        except KeyError:
+            raise FaJaxError(f"merge_lora: adapter module {path} is not a linear layer of the base params (an "
+                             f"adapter for another model?)") from None
+        if kernel.ndim == 2:
+            check_module(path, ad, *kernel.shape, where="merge_lora")
         out = set_path(out, path + ".kernel", materialize(kernel, ad))
     return out
 
@@ -248,4 +295,4 @@ def num_params(adapters, trainable_only: bool = True) -> int:
 
 __all__: Sequence[str] = ("init_lora", "init_magnitude", "apply", "apply_dora", "is_dora", "weight_norm",
                           "materialize", "merge_into", "resolve_targets", "iter_modules", "trainable_mask",
-                          "num_params", "ALL_LINEAR")
+                          "num_params", "check_module", "check_rank", "ALL_LINEAR")

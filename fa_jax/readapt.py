@@ -90,25 +90,32 @@ def truncate(delta_dir: str, out_dir: str, *, tau: float | None = None, rank: in
 
     Returns the report of `treemath.truncate`, its shares counted on this model (`treemath.param_shares`), and
     "non_matrix": {"modules_to_save": [HF names], "side_file": [HF names], "note": why the base was not used}."""
-    if tau is not None and not (0.0 < float(tau) <= 1.0):
-        raise FaJaxError(f"truncate: --tau {tau} is outside (0, 1]")
-    if rank is not None and int(rank) < 1:
-        raise FaJaxError(f"truncate: --rank {rank} is below 1")
+    treemath.check_tau_rank(tau, rank, "--tau ", "--rank ")  # a number in (0, 1]; an integer >= 1
     if (tau is None) == (rank is None):
         raise FaJaxError("truncate: give exactly one of --tau or --rank")
     if os.path.exists(out_dir) and not overwrite:
         raise FaJaxError(f"{out_dir}: output directory already exists (pass --overwrite)")
     if not os.path.isdir(delta_dir):
         raise FaJaxError(f"delta {delta_dir}: no such directory")
+    if not _is_peft(delta_dir) and not _is_delta(delta_dir):
+        if os.path.exists(os.path.join(delta_dir, "config.json")):  # a whole model: its SVDs would be the weights'
+            raise FaJaxError(f"--delta {delta_dir} is a model, not a delta (no {DELTA_META} from fa-jax diff, no "
+                             f"{peft.CONFIG}): run fa-jax diff --base BASE --tuned {delta_dir} --out DELTA first")
+        raise FaJaxError(f"--delta {delta_dir}: neither an RE-Adapter (fa-jax diff, {DELTA_META}) nor a PEFT LoRA "
+                         f"directory ({peft.CONFIG})")
     if _is_peft(delta_dir):
         if base_config is None:
             raise FaJaxError(f"{delta_dir} is a PEFT adapter: pass --base-config DIR (the base model's config)")
         config = config_lib.load_config(base_config)
+        peft.check_made_for(delta_dir, config, base_config, "--delta")
         adapter = peft.load_peft(config, delta_dir, warn_non_matrix=False)  # carried over below
         if any(lora_lib.is_dora(ad) for _, ad in lora_lib.iter_modules(adapter)):
             raise FaJaxError(f"{delta_dir} is a DoRA adapter, whose delta depends on the base weights: merge it first "
                              f"(fa-jax merge --base BASE --adapter {delta_dir} --out MERGED), then truncate "
                              f"fa-jax diff --base BASE --tuned MERGED")
+        if rank is not None:
+            _check_rank_fits(rank, [(p, (ad["lora_A"].shape[0], ad["lora_B"].shape[1]))
+                                    for p, ad in lora_lib.iter_modules(adapter)])
         lore, report = treemath.truncate(adapter, tau=tau, rank=rank, keep_non_matrix=False)
         saved, extra, note = [], [], None
         for n, (kind, st, key) in peft.non_matrix_tensors(delta_dir).items():
@@ -121,6 +128,8 @@ def truncate(delta_dir: str, out_dir: str, *, tau: float | None = None, rank: in
         names = [(p, hf.hf_name(p)) for p, (shape, _) in _linear_specs(config) if hf.hf_name(p) in reader]
         if not names:
             raise FaJaxError(f"{delta_dir}: holds no linear-layer matrices to truncate")
+        if rank is not None:  # before any SVD; HF layout [out, in]
+            _check_rank_fits(rank, [(p[: -len(".kernel")], tuple(reader.shape(n))[::-1]) for p, n in names])
         for path, name in tqdm(names, desc="truncate", unit="matrix", disable=None, leave=False):
             w = jnp.asarray(reader.get(name).astype(np.float32).T)  # [in, out]
             part, rep = treemath.truncate({"m": {"kernel": w}}, tau=tau, rank=rank, keep_non_matrix=False)
@@ -150,6 +159,15 @@ def truncate(delta_dir: str, out_dir: str, *, tau: float | None = None, rank: in
         with open(os.path.join(tmp, "lore_report.json"), "w") as f:
             json.dump(_jsonable(report), f, indent=2)
     return report
+
+
+def _check_rank_fits(rank, modules) -> None:
+    """--rank must not exceed what each matrix allows, min(in, out) (modules: [(path, (in, out))]): never
+    silently clamped."""
+    for path, (d_in, d_out) in modules:
+        if int(rank) > min(d_in, d_out):
+            raise FaJaxError(f"truncate: --rank {rank} is more than {path} allows: its matrix is {d_in}x{d_out}, so "
+                             f"its largest possible rank is {min(d_in, d_out)}")
 
 
 def _non_matrix(config, reader, delta_dir: str):
@@ -254,12 +272,15 @@ def rank_table(report, limit: int = 12) -> str:
     return "\n".join(rows)
 
 
-def load_adapter(path: str, config):
+def load_adapter(path: str, config, base_dir: str = "the base"):
     """An adapter for `merge`: a dense RE-Adapter directory (returned as a lazy reader), a PEFT LoRA / DoRA / LoRE
-    directory, or a fa_jax pretrain run / checkpoint directory (its exported PEFT adapter)."""
+    directory, or a fa_jax pretrain run / checkpoint directory (its exported PEFT adapter). An adapter made for
+    another model than `config` (the model in `base_dir`) is refused, even where the shapes would fit: a PEFT
+    adapter's record of its model (`peft.made_for`), an RE-Adapter's own config.json."""
     if not os.path.exists(path):
         raise FaJaxError(f"adapter {path}: no such directory")
     if _is_peft(path):
+        peft.check_made_for(path, config, base_dir)
         return "lora", peft.load_peft(config, path, warn_non_matrix=False)  # merge applies the rest itself
     if os.path.exists(os.path.join(path, "adapter_peft", peft.CONFIG)):  # a fa_jax pretrain run directory
         run = os.path.join(path, "config.json")
@@ -267,13 +288,21 @@ def load_adapter(path: str, config):
         if keep is not None:
             raise FaJaxError(f"adapter {path}: trained on a student with keep_layers={keep}; its layer numbers are "
                              "the student's, so it merges only into that student, not into this base")
+        peft.check_made_for(os.path.join(path, "adapter_peft"), config, base_dir)
         return "lora", peft.load_peft(config, os.path.join(path, "adapter_peft"))
     if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, "config.json")):
         return "lora", run_adapters(path, config)
     if _is_delta(path) or os.path.exists(os.path.join(path, "config.json")):
         dcfg = config_lib.load_config(path)
         if dcfg != config:
-            raise FaJaxError(f"adapter {path}: made for a different architecture than the base")
+            fields = [f for f, spec in dcfg.__dataclass_fields__.items()
+                      if spec.compare and getattr(dcfg, f) != getattr(config, f)]
+            what = (f"a {dcfg.model_type} model" if dcfg.model_type != config.model_type else
+                    f"a {dcfg.model_type} model with " + ", ".join(f"{f}={getattr(dcfg, f)}" for f in fields[:3]))
+            have = (f"is a {config.model_type}" if dcfg.model_type != config.model_type else
+                    "has " + ", ".join(f"{f}={getattr(config, f)}" for f in fields[:3]))
+            raise FaJaxError(f"--adapter {path}: made for {what} (its config.json); the base {base_dir} {have} (a "
+                             f"different architecture)")
         return "dense", hf.CheckpointReader(path)
     raise FaJaxError(f"adapter {path}: not a PEFT adapter, an RE-Adapter (fa-jax diff) or a fa_jax run directory")
 
@@ -325,10 +354,10 @@ def run_adapters(run_dir: str, config, allow_pruned: bool = False):
     abstract = jax.eval_shape(lambda: train.init_state(cfg, config, mesh, sharding.DEFAULT_RULES)[0])
     rep = sharding.replicated(mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), clean=False)  # (a reader: the run may be going on)
     if ckpt.latest_step() is None:
         raise FaJaxError(f"adapter {run_dir}: the run has no checkpoint yet")
-    _, state, _ = ckpt.restore(abstract)
+    _, state, _ = ckpt.restore(abstract, set_aside=False)
     ckpt.close()
     return jax.device_get(state["adapters"])
 
@@ -347,7 +376,7 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
     if tokenizer and tokenizer_dir is not None:
         check_tokenizer_dir(tokenizer_dir)
     config, reader, names = _open_model(base_dir, "base")
-    loaded = [(load_adapter(p, config), float(s)) for p, s in adapters]
+    loaded = [(load_adapter(p, config, base_dir), float(s)) for p, s in adapters]
     lora_flat = [(flatten(a) if kind == "lora" else None, kind, a, s) for (kind, a), s in loaded]
     extras = [(_non_matrix_of(p, config, set(names.values()), reader), float(s)) for p, s in adapters]
     out_dt = None if dtype is None else np.dtype(jnp.dtype(dtype))
@@ -384,9 +413,9 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
         entries.append((name, reader.shape(name), dt, lambda p=path, n=name, dt=dt: fetch(p, n, dt)))
     cfg = config.to_hf_dict()
     cfg["dtype"] = str(np.dtype(entries[0][2]).name)
-    hf.write_dir(out_dir, entries, cfg, None, max_shard_size, overwrite, desc="merge")
-    if tokenizer:
-        _copy_tokenizer(base_dir if tokenizer_dir is None else tokenizer_dir, out_dir)
+    src = base_dir if tokenizer_dir is None else tokenizer_dir
+    hf.write_dir(out_dir, entries, cfg, None, max_shard_size, overwrite, desc="merge",
+                 fill=(lambda tmp: _copy_tokenizer(src, tmp)) if tokenizer else None)  # inside the atomic directory
     return out_dir
 
 
@@ -437,4 +466,4 @@ def _copy_tokenizer(src: str, dst: str) -> None:
 
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))  # the umask's mode, not the source's

@@ -92,6 +92,23 @@ def _factors(u, s, vt, k):
     return u[:, :k] * r[None, :], r[:, None] * vt[:k]
 
 
+def check_tau_rank(tau, rank, tau_label: str = "tau=", rank_label: str = "rank=", where: str = "truncate") -> None:
+    """tau (when given) a number in (0, 1], rank (when given) an integer >= 1 (2.5 is an error, not rank 2)."""
+    import numbers
+
+    if tau is not None:
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+            raise FaJaxError(f"{where}: {tau_label}{tau!r} is not a number (expected one in (0, 1])")
+        if not 0.0 < float(tau) <= 1.0:
+            raise FaJaxError(f"{where}: {tau_label}{tau} is outside (0, 1]")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Real) or not float(rank).is_integer():
+            raise FaJaxError(f"{where}: {rank_label}{rank!r} is not an integer (expected one >= 1; ranks are not "
+                             f"rounded)")
+        if int(rank) < 1:
+            raise FaJaxError(f"{where}: {rank_label}{rank} is below 1")
+
+
 def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_matrix: bool = True,
              method: str = "exact", base=None, **randomized_kw):
     """Per-matrix truncated SVD of an adapter tree, in LoRA form. Returns (lore, report).
@@ -114,10 +131,7 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
     """
     if (tau is None) == (rank is None):
         raise FaJaxError("truncate: give exactly one of tau or rank")
-    if tau is not None and not (0.0 < float(tau) <= 1.0):
-        raise FaJaxError(f"truncate: tau={tau} is outside (0, 1]")
-    if rank is not None and int(rank) < 1:
-        raise FaJaxError(f"truncate: rank={rank} is below 1")
+    check_tau_rank(tau, rank, "tau=", "rank=")
     if method not in ("exact", "randomized"):
         raise FaJaxError(f"truncate: method={method!r} (expected 'exact' or 'randomized')")
     if method == "randomized" and rank is None:
@@ -137,6 +151,7 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
             k = f"{path}.{MATRIX_LEAF}"
             flat[k] = d + flat[k].astype(jnp.float32) if k in flat else d
             continue
+        _check_factors(path, ad, "truncate")
         u, s, vt = lowrank_svd(ad["lora_A"] * ad["scale"].astype(jnp.float32), ad["lora_B"])
         svds[path] = (u, s, vt)
     non_matrix = 0
@@ -191,8 +206,17 @@ def param_shares(params: int, dense_params: int, non_matrix_params: int, model_p
             "share_of_linear": params / dense_params if dense_params else 0.0}
 
 
+def _check_factors(path: str, ad, caller: str) -> None:
+    """A one-line error (not a matmul traceback) when a module's lora_A [I, R] and lora_B [R, O] do not chain."""
+    a, b = tuple(np.shape(ad["lora_A"])), tuple(np.shape(ad["lora_B"]))
+    if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
+        raise FaJaxError(f"{caller}: {path} has lora_A {list(a)} and lora_B {list(b)}, expected [in, r] and "
+                         f"[r, out] with the same r")
+
+
 def _module_delta(path: str, ad, base, caller: str):
     """The dense [I, O] float32 delta of one LoRA (scale * A @ B) or DoRA (m * V / ||V||_c - W) module."""
+    _check_factors(path, ad, caller)
     if not lora_lib.is_dora(ad):
         return ad["scale"].astype(jnp.float32) * (ad["lora_A"].astype(jnp.float32) @ ad["lora_B"].astype(jnp.float32))
     if base is None:
@@ -202,6 +226,8 @@ def _module_delta(path: str, ad, base, caller: str):
         w = jnp.asarray(get_path(base, f"{path}.{MATRIX_LEAF}"), jnp.float32)
     except KeyError:
         raise FaJaxError(f"{caller}: DoRA module {path} has no {path}.{MATRIX_LEAF} in the base model") from None
+    if w.ndim == 2:
+        lora_lib.check_module(path, ad, *w.shape, where=caller)  # one line, not a broadcasting error
     return lora_lib.materialize(w, ad) - w
 
 

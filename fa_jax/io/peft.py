@@ -35,6 +35,68 @@ WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 EXTRA = "lore_extra.safetensors"  # float32 deltas (HF names) of tensors PEFT cannot hold: W = base + scale * delta
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# The model an adapter was made for, beside adapter_config.json (PEFT's LoraConfig warns about keys it does not know,
+# so the record is a file of its own): `fa-jax merge` compares it with the base it is given.
+MODEL_RECORD = "fa_jax_model.json"
+RECORD_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def model_record(config) -> dict:
+    """{key: value} of `RECORD_KEYS` for a ModelConfig: what identifies the model an adapter fits."""
+    return {k: getattr(config, k) for k in RECORD_KEYS}
+
+
+def write_model_record(config, directory: str) -> None:
+    with open(os.path.join(directory, MODEL_RECORD), "w") as f:
+        json.dump(model_record(config), f, indent=2)
+
+
+def made_for(in_dir: str) -> tuple[str, dict] | None:
+    """(where it was read, `model_record`) of the model an adapter directory was made for: its `MODEL_RECORD`, else
+    the config.json of a local directory named by base_model_name_or_path in adapter_config.json; None when there
+    is neither (nothing to compare)."""
+    from fa_jax import config as config_lib
+
+    f = os.path.join(in_dir, MODEL_RECORD)
+    if os.path.exists(f):
+        try:
+            with open(f) as fh:
+                rec = json.load(fh)
+        except (OSError, json.JSONDecodeError) as e:
+            raise FaJaxError(f"{f}: not valid JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise FaJaxError(f"{f}: expected a JSON object with {', '.join(RECORD_KEYS)}")
+        return f, {k: rec.get(k) for k in RECORD_KEYS}
+    try:
+        with open(os.path.join(in_dir, CONFIG)) as fh:
+            base = json.load(fh).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(base, str) or not os.path.isfile(os.path.join(base, "config.json")):
+        return None  # a hub name or nothing: no local config to compare with
+    try:
+        return f"base_model_name_or_path {base}", model_record(config_lib.load_config(base))
+    except FaJaxError:
+        return None  # a config fa_jax cannot read: nothing to compare
+
+
+def check_made_for(in_dir: str, config, base: str, label: str = "--adapter") -> None:
+    """A FaJaxError when the adapter in `in_dir` was made for another model than `config` (the model in `base`):
+    another model_type, or other main sizes (`RECORD_KEYS`), even where its tensors' shapes would fit."""
+    found = made_for(in_dir)
+    if found is None:
+        return
+    where, rec = found
+    have = model_record(config)
+    diff = [k for k in RECORD_KEYS if rec.get(k) is not None and rec[k] != have[k]]
+    if not diff:
+        return
+    if "model_type" in diff:
+        raise FaJaxError(f"{label} {in_dir}: made for a {rec['model_type']} model ({where}); the base {base} is a "
+                         f"{have['model_type']}")
+    sizes = ", ".join(f"{k}={rec[k]}" for k in diff)
+    raise FaJaxError(f"{label} {in_dir}: made for a {rec['model_type']} model with {sizes} ({where}); the base "
+                     f"{base} has {', '.join(f'{k}={have[k]}' for k in diff)}")
 
 
 def _most_common(values):
@@ -137,6 +199,7 @@ def write_peft(config, adapters, directory: str, *, use_rslora: bool = False,
                             lambda m=m: np.asarray(jax.device_get(m))))
     entries += [(f"{PREFIX}{n}", tuple(shape), np.float32, fetch) for n, (shape, fetch) in sorted(saved.items())]
     write(os.path.join(directory, WEIGHTS), entries, metadata={"format": "pt"})
+    write_model_record(config, directory)
     if extra:
         write(os.path.join(directory, EXTRA), [(n, tuple(shape), np.float32, fetch) for n, shape, fetch in extra],
               metadata={"format": "pt", "fa_jax": "LoRE-Adapter deltas PEFT cannot hold: W = base + scale * delta"})

@@ -61,8 +61,11 @@ def save_peft_prompt(config, adapters, out_dir: str, *, base_model_name_or_path:
                    init_weights=None)
     out_dt = np.dtype(jnp.dtype(dtype or tensor.dtype))
     entries = [(TENSOR, tuple(tensor.shape), out_dt, lambda: np.asarray(jax.device_get(tensor)))]
+    from fa_jax.io.peft import write_model_record
+
     with atomic_dir(out_dir, overwrite) as tmp:
         write(os.path.join(tmp, WEIGHTS), entries, metadata={"format": "pt"})
+        write_model_record(config, tmp)  # the model it was made for (fa-jax merge and friends compare it)
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
     return out_dir

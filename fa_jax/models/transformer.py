@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fa_jax import bottleneck
+from fa_jax import bottleneck, checks
 from fa_jax import config as config_lib
 from fa_jax.sharding import constrain_batch
 from fa_jax.models import layers
@@ -141,6 +141,9 @@ def remat_policy(remat):
 def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions=None, segment_ids=None,
                   dtype=None, dropout_rate: float = 0.0, rng=None, remat=False):
     """Final-norm hidden states [B, T, D] in the compute dtype. See `forward` for the arguments."""
+    # on the host, before any tracing: dtypes, shapes, adapter paths; the ids' range when the tokens are concrete
+    checks.check_tokens(config, tokens, mask=mask, positions=positions, segment_ids=segment_ids)
+    checks.check_adapters(config, adapters)
     emb = params["model"]["embed_tokens"]["embedding"]
     dtype = jnp.dtype(dtype or emb.dtype)
     tokens = jnp.asarray(tokens)
@@ -199,6 +202,10 @@ def lm_logits(config, params, hidden):
 def forward(config, params, tokens, adapters=None, *, mask=None, positions=None, segment_ids=None, dtype=None,
             dropout_rate: float = 0.0, rng=None, remat: bool = False):
     """Logits float32 [B, T, V] for int tokens [B, T].
+
+    Checked first, on the host (a FaJaxError naming the argument): tokens of an integer dtype and rank 2, with ids in
+    [0, vocab_size) when they are concrete (not under jit); mask / positions / segment_ids of the tokens' shape;
+    every adapter module a module of this model, with shapes that fit it (`fa_jax.checks`).
 
     mask: [B, T], 1 for real tokens and 0 for padding (left or right). segment_ids: [B, T] for packed rows,
     0 for padding and a distinct id per document; tokens attend only inside their own document. Without explicit
