@@ -114,7 +114,7 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
     """Per-matrix truncated SVD of an adapter tree, in LoRA form. Returns (lore, report).
 
     Give exactly one of `tau` (keep the smallest k whose explained variance sum(s[:k]**2) / sum(s**2) reaches tau,
-    0 < tau <= 1) or `rank` (k = min(rank, full rank)). Matrices are the linear layers' dense deltas (`kernel`)
+    0 < tau <= 1) or `rank` (k = min(rank, the spectrum's length); a rank above min(in, out) of a matrix is an error. Matrices are the linear layers' dense deltas (`kernel`)
     and LoRA modules (decomposed through `lowrank_svd`, never formed densely). Each becomes
     {"lora_A": [I, k], "lora_B": [k, O], "scale": 1}; a matrix whose k is 0 is left out. Non-matrix leaves (norms,
     biases, embeddings) stay dense when `keep_non_matrix`, else are dropped. Same-shaped dense matrices are
@@ -178,8 +178,11 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
         u, s, vt = svds[path]
         s_np = np.asarray(s)
         full = int(np.sum(s_np > 0))
-        k = rank_for_tau(s_np, float(tau)) if tau is not None else min(int(rank), len(s_np))
         d_in, d_out = u.shape[0], vt.shape[1]
+        if rank is not None and int(rank) > min(d_in, d_out):
+            raise FaJaxError(f"truncate: rank={rank} is more than {path} ({d_in} x {d_out}) can have; the largest "
+                             f"possible is {min(d_in, d_out)}")
+        k = rank_for_tau(s_np, float(tau)) if tau is not None else min(int(rank), len(s_np))
         energy = s_np.astype(np.float64) ** 2
         modules[path] = {"rank": k, "full_rank": full, "shape": [d_in, d_out],
                          "explained": float(energy[:k].sum() / energy.sum()) if energy.sum() else 1.0,
