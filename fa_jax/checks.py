@@ -89,8 +89,9 @@ def _not_in_model(config, name: str, path: str, why: str = ""):
 def _check_bottleneck(config, name: str, path: str, ad) -> None:
     D = config.hidden_size
     try:
-        shapes = {k: _shape(ad[a][b]) for k, (a, b) in {"down.kernel": ("down", "kernel"), "down.bias": ("down", "bias"),
-                                                       "up.kernel": ("up", "kernel"), "up.bias": ("up", "bias")}.items()}
+        parts = {"down.kernel": ("down", "kernel"), "down.bias": ("down", "bias"), "up.kernel": ("up", "kernel"),
+                 "up.bias": ("up", "bias")}
+        shapes = {k: _shape(ad[a][b]) for k, (a, b) in parts.items()}
     except (KeyError, TypeError, IndexError):
         raise FaJaxError(f"{name}: {path} is not a bottleneck adapter (expected down.kernel, down.bias, up.kernel, "
                          f"up.bias)") from None

@@ -359,7 +359,8 @@ def finetune(cfg, batches=None) -> dict:
         if batches is None:
             d = cfg.data
             batches = SFTBatches(load_records(d.train, max_examples=d.max_examples), tokenizer,
-                                 seq_len=int(d.seq_len), global_rows=B, seed=int(d.seed), pack=bool(d.pack), chat=bool(d.chat_template),
+                                 seq_len=int(d.seq_len), global_rows=B, seed=int(d.seed), pack=bool(d.pack),
+                                 chat=bool(d.chat_template),
                                  prompt_field=d.prompt_field, response_field=d.response_field)
         return train.train_loop(cfg, mesh, rules, run.path, (teacher_cfg, teacher, student_cfg, student), batches,
                                 desc="sft", adapters=adapters)

@@ -114,10 +114,10 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
     """Per-matrix truncated SVD of an adapter tree, in LoRA form. Returns (lore, report).
 
     Give exactly one of `tau` (keep the smallest k whose explained variance sum(s[:k]**2) / sum(s**2) reaches tau,
-    0 < tau <= 1) or `rank` (k = min(rank, the spectrum's length); a rank above min(in, out) of a matrix is an error. Matrices are the linear layers' dense deltas (`kernel`)
-    and LoRA modules (decomposed through `lowrank_svd`, never formed densely). Each becomes
-    {"lora_A": [I, k], "lora_B": [k, O], "scale": 1}; a matrix whose k is 0 is left out. Non-matrix leaves (norms,
-    biases, embeddings) stay dense when `keep_non_matrix`, else are dropped. Same-shaped dense matrices are
+    0 < tau <= 1) or `rank` (k = min(rank, the spectrum's length); a rank above min(in, out) of a matrix is an
+    error). Matrices are the linear layers' dense deltas (`kernel`) and LoRA modules (decomposed through
+    `lowrank_svd`, never formed densely). Each becomes {"lora_A": [I, k], "lora_B": [k, O], "scale": 1}; a
+    matrix whose k is 0 is left out. Non-matrix leaves (norms, biases, embeddings) stay dense when `keep_non_matrix`, else are dropped. Same-shaped dense matrices are
     decomposed together (one batched SVD). All in float32 whatever the storage dtype. `method="randomized"`
     (with `rank`) uses `randomized_svd` for very large matrices. A DoRA module needs the base params (`base`):
     its dense delta m * V / ||V||_c - W (generally full rank) is decomposed like a dense matrix.

@@ -56,6 +56,7 @@ def test_test_entries_never_reach_the_pretraining_text(tmp_path):
     assert len(fvr.leaked([r["reference"] for r in test], open(path).read().split("\n\n"))) == len(test)
 
 
+@pytest.mark.slow  # 30 s; the split, leak and scoring pieces above are checked in the default suite
 def test_script_end_to_end_on_a_tiny_model(tmp_path):
     save_hf_model("llama3", tmp_path / "model")
     save_tiny_tokenizer(tmp_path / "model")

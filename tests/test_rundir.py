@@ -70,16 +70,34 @@ def runs(setup, tmp_path_factory):
     """The uninterrupted run, and one stopped at step 5 with checkpoints 2, 4, 5 (to copy and corrupt)."""
     root, corpus = setup
     base = tmp_path_factory.mktemp("runs")
-    train.pretrain(_cfg(root, corpus, base / "straight"))
-    train.pretrain(_cfg(root, corpus, base / "stopped", **{"run.stop_after": 5}))
-    return base / "straight", base / "stopped"
+    summary = train.pretrain(_cfg(root, corpus, base / "straight", **{"run.export_peft": True,
+                                                                       "run.tensorboard": True}))
+    first = train.pretrain(_cfg(root, corpus, base / "stopped", **{"run.stop_after": 5}))
+    assert first["status"] == "stopped" and "peft_adapter" not in first
+    return base / "straight", base / "stopped", summary
+
+
+def test_finished_run_exports_its_adapter_and_curves(setup, runs):
+    import jax
+
+    import fa_jax
+    from fa_jax.models import transformer
+
+    root, _ = setup
+    straight, _, summary = runs
+    s_cfg, _ = transformer.select_layers(*fa_jax.load_model(str(root / "teacher")), [0])
+    ad = fa_jax.load_peft(s_cfg, str(straight / "adapter_peft"))
+    for x, y in zip(jax.tree.leaves(ad), jax.tree.leaves(summary["adapters"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+    assert os.path.exists(straight / "loss_curve.png") and os.listdir(straight / "tensorboard")
+    assert json.load(open(straight / "summary.json"))["status"] == "finished"
 
 
 # --------------------------------------------------------------------------------------- 1. identity
 
 
 def test_run_json_records_what_defines_the_run(runs):
-    _, stopped = runs
+    _, stopped, _ = runs
     ident = json.load(open(stopped / "run.json"))
     assert ident["models"]["teacher"]["sha256"] and ident["tokenizer"]
     assert ident["data"]["format"] == "file" and ident["data"]["bytes"] > 0
@@ -178,7 +196,7 @@ def _corrupt(run, how):
 def test_corrupt_latest_checkpoint_falls_back_and_matches_the_uninterrupted_run(setup, runs, tmp_path, capsys,
                                                                                  how):
     root, corpus = setup
-    straight, stopped = runs
+    straight, stopped, _ = runs
     run = tmp_path / "run"
     shutil.copytree(stopped, run)
     assert sorted(n for n in os.listdir(run / "checkpoints") if n.isdigit()) == ["2", "4", "5"]
