@@ -365,3 +365,15 @@ def test_metrics_history_covers_the_whole_run_after_a_resume(tmp_path):
     assert [r["step"] for r in logger.history] == [1, 2, 3, 4]
     assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3, 4]
     assert os.path.exists(tmp_path / "loss_curve.png")
+
+
+def test_too_few_documents_for_the_batch_rows_names_the_source(setup, tmp_path):
+    import fa_jax
+    from fa_jax import data
+
+    root, _ = setup
+    (tmp_path / "three.txt").write_text("one document\n\ntwo documents\n\nthree documents\n")
+    docs = data.load_documents(str(tmp_path / "three.txt"))
+    with pytest.raises(FaJaxError, match=r"data.train=mine: 3 document\(s\) for 8 batch rows \(data.batch_size\)"):
+        train.RowStreams(docs, fa_jax.load_tokenizer(str(root / "teacher")), seq_len=16, global_rows=8, seed=0,
+                         name="data.train=mine")
