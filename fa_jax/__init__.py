@@ -9,11 +9,10 @@
 """
 from __future__ import annotations
 
-import os
-
 from fa_jax.config import ModelConfig, load_config
 from fa_jax.errors import FaJaxError
 from fa_jax.io.hf import save_hf
+from fa_jax.io.load import load_model, load_tokenizer
 from fa_jax.io.peft import load_peft, save_peft
 from fa_jax.lora import init_lora, merge_into as merge_lora
 from fa_jax.models.transformer import abstract_params, forward, hidden_states, init_params, lm_logits
@@ -29,46 +28,9 @@ __version__ = "0.1.0"
 def compile_report(config, topology: str = "v5e-8", **kw) -> dict:
     """Compile a pretrain / sft config for a TPU topology and report per-chip HBM, FLOPs, collectives and a
     roofline estimate; see `fa_jax.aot.compile_report` (needs the libtpu wheel: pip install -e .[tpu])."""
-    from fa_jax import aot
+    from fa_jax import aot  # lazy: aot brings the training stack (optax, orbax), which `import fa_jax` does not need
 
     return aot.compile_report(config, topology, **kw)
-
-
-def load_model(path: str, dtype="float32", sharding=None):
-    """(config, params) from a Hugging Face directory (config.json + safetensors, single or sharded), a .gguf file
-    or an embedded model name (`embedded:smollm2-135m-instruct`).
-
-    Tensors are read one at a time, so host memory peaks near one copy of the model.
-    `sharding`: None (default device), one `jax.sharding.Sharding` for every tensor, a dict {param path: Sharding},
-    or a function (param path, shape) -> Sharding; each device then receives only its own slice.
-    """
-    from fa_jax.embedded import resolve_model_path
-
-    path = resolve_model_path(path)  # embedded:NAME -> the file shipped in its package
-    if not os.path.exists(path):
-        raise FaJaxError(f"{path}: no such file or directory")
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        from fa_jax.io.gguf import load_gguf
-
-        return load_gguf(path, dtype=dtype, sharding=sharding)
-    if os.path.isfile(path):
-        raise FaJaxError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    from fa_jax.io.hf import load_hf
-
-    return load_hf(path, dtype=dtype, sharding=sharding)
-
-
-def load_tokenizer(path: str):
-    """The transformers tokenizer of a Hugging Face directory, a .gguf file or an embedded model name."""
-    from transformers import AutoTokenizer
-
-    from fa_jax.embedded import resolve_model_path
-
-    path = resolve_model_path(path)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                             gguf_file=os.path.basename(path))
-    return AutoTokenizer.from_pretrained(path)
 
 
 __all__ = ["ModelConfig", "FaJaxError", "load_model", "load_config", "load_tokenizer", "forward", "hidden_states",

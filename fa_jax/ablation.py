@@ -57,10 +57,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fa_jax import jargon, lora, run_config, stats, treemath
+from fa_jax import data as data_lib
+from fa_jax import jargon, lora, run_config, stats, train, treemath
 from fa_jax import sharding as sh
 from fa_jax.errors import FaJaxError
+from fa_jax.evaluate import MultipleChoice, TeacherReference
 from fa_jax.io.atomic import write_text
+from fa_jax.metrics import read_history
 
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 TAUS = (0.5, 0.75, 0.9)
@@ -121,9 +124,6 @@ def prepare(text, *, teacher: str = "embedded:smollm2-135m-instruct", student: s
     Documents are unwrapped (every run of whitespace becomes one space: hard-wrapped, indented text files would
     otherwise spend much of the loss on predicting line breaks and indentation) and those under `min_words` words
     (headings, list items, one-line glossary entries) are dropped, so the comparison is on prose."""
-    from fa_jax import data as data_lib
-    from fa_jax import train
-
     if isinstance(text, str) and not any(ch in text for ch in "*?[") and not os.path.exists(text):
         raise FaJaxError(f"text={text!r}: no such file; give any English text file (e.g. `bash scripts/fetch_text.sh` "
                          "fetches the Jargon File)")
@@ -150,8 +150,6 @@ def train_adapter(setup: Setup, out_dir: str, *, alpha: float, steps: int = 60, 
     """Train one adapter on the student with L = alpha * KD + (1 - alpha) * LM (alpha 0: no teacher in the step);
     returns (adapters, summary of `train.train_loop`). `out_dir` is this run's own directory: a previous run there
     is replaced. `seed` draws the adapter's init and the order of the training rows."""
-    from fa_jax import train
-
     if os.path.isdir(out_dir):
         if not os.path.exists(os.path.join(out_dir, "config.json")):
             raise FaJaxError(f"{out_dir}: exists and is not a training run; choose another out_dir")
@@ -186,8 +184,6 @@ def reference(setup: Setup, *, seq_len: int = 256, batch_size: int = 4, max_rows
               per_document: bool = False, temperature: float = 1.0, chunk_size: int = 64):
     """The teacher's pass over the held-out documents (`evaluate.TeacherReference`): the first `max_rows` packed
     rows, or with per_document every document whole, in rows of its own (max_rows None)."""
-    from fa_jax.evaluate import TeacherReference
-
     return TeacherReference(setup.teacher_cfg, setup.teacher, setup.tokenizer, setup.held_out_docs, seq_len=seq_len,
                             batch_size=batch_size, max_rows=None if per_document else max_rows,
                             temperature=temperature, chunk_size=chunk_size, per_document=per_document)
@@ -270,8 +266,6 @@ def glossary_items(setup: Setup, text, *, max_items: int | None = 100, seed: int
 
 def mc_scorer(setup: Setup, items: list[dict], batch_size: int = 16):
     """`evaluate.MultipleChoice` over the items: each option scored as the continuation term + closing quote."""
-    from fa_jax.evaluate import MultipleChoice
-
     return MultipleChoice(setup.tokenizer, [it["prompt"] for it in items],
                           [[o + jargon.MC_CLOSE for o in it["options"]] for it in items], batch_size=batch_size)
 
@@ -446,7 +440,7 @@ def format_markdown(results: dict) -> str:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: about a second to import, needed for the plots only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -687,6 +681,4 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
 
 
 def _history(summary) -> list[dict]:
-    from fa_jax.metrics import read_history
-
     return read_history(summary["out_dir"])

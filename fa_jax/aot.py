@@ -28,16 +28,22 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 
-from fa_jax import hlo_stats
+from fa_jax import adapters as adapters_lib
+from fa_jax import config as config_lib
+from fa_jax import hlo_stats, run_config, train
 from fa_jax import sharding as sh
+from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
+from fa_jax.io.atomic import write_text
+from fa_jax.io.gguf import gguf_config
+from fa_jax.memory import (  # noqa: F401  (public here too: they were defined here)
+    USABLE_FRACTION, GiB, gib, memory_budget, memory_of, parse_bytes)
+from fa_jax.metrics import kd_step_flops
+from fa_jax.models import transformer
 
-GiB = 1024 ** 3
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
-# Share of a chip's HBM that a program may use: the runtime, its allocator's fragmentation and the host transfers
-# of the input pipeline need the rest.
-USABLE_FRACTION = 0.95
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +156,7 @@ def tpu_devices(topology: Topology) -> list:
     # libtpu takes a machine-wide lock file when it loads; describing a topology touches no TPU, so compiling
     # beside another process that holds it (a second compile, a test run) is safe
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # lazy: TPU-only API, reached once libtpu is known to be installed
 
     dims = [int(d) for d in topology.shape.split("x")] + [1]
     bounds = tuple(min(d, b) for d, b in zip(dims[:3], (2, 2, 1)))
@@ -178,8 +184,6 @@ def topology_mesh(mesh_shape, topology: Topology, devices) -> jax.sharding.Mesh:
     if topology.slices == 1:
         return sh.make_mesh(mesh_shape, devices=devices)
     ici = sh.make_mesh(mesh_shape, devices=per_slice[: topology.chips_per_slice]).devices.shape
-    from jax.experimental import mesh_utils
-
     try:
         arr = mesh_utils.create_hybrid_device_mesh(ici, (topology.slices, 1, 1), devices)
     except Exception as e:
@@ -194,9 +198,6 @@ def topology_mesh(mesh_shape, topology: Topology, devices) -> jax.sharding.Mesh:
 def model_config(spec: str):
     """(ModelConfig, note) of a model path without reading weights: a Hugging Face directory's config.json, a GGUF
     file's metadata, or, where the path does not exist, the configs/models/ file of the same name (note says so)."""
-    from fa_jax import config as config_lib
-    from fa_jax.embedded import resolve_model_path
-
     try:
         path = resolve_model_path(spec)
     except FaJaxError:  # an embedded model whose package is missing: its shapes may still be in configs/models
@@ -204,8 +205,6 @@ def model_config(spec: str):
     if os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".json")):
         return config_lib.load_config(path), None
     if os.path.isfile(path) and path.endswith(".gguf"):
-        from fa_jax.io.gguf import gguf_config
-
         return gguf_config(path), None
     name = os.path.basename(os.path.normpath(str(path))).lower()
     for candidate in (name, name.removesuffix(".gguf")):
@@ -219,8 +218,6 @@ def model_config(spec: str):
 
 def abstract_sharded(config, dtype, mesh, rules):
     """The parameter tree as ShapeDtypeStructs carrying the rule table's shardings."""
-    from fa_jax.models import transformer
-
     shapes = transformer.abstract_params(config, jnp.dtype(dtype))
     return with_shardings(shapes, sh.tree_shardings(config, shapes, mesh, rules))
 
@@ -263,19 +260,13 @@ def run_kind(config: dict) -> str:
 
 def resolve_run_config(path, overrides=(), kind: str | None = None):
     """(kind, resolved config) as `fa-jax pretrain` / `fa-jax sft` would resolve them."""
-    from fa_jax import run_config, sft, train
-
     raw = run_config.read_file(path) if path else {}
     kind = kind or run_kind(raw)
-    defaults = train.pretrain_defaults() if kind == "pretrain" else sft.sft_defaults()
-    return kind, run_config.load(path, defaults, overrides, settings=raw)
+    return kind, run_config.load(path, run_config.defaults(kind), overrides, settings=raw)
 
 
 def _models(cfg, kind, mesh, rules, with_teacher=None):
     """(teacher_cfg, teacher, student_cfg, student, notes) as abstract sharded trees; teacher None without KD."""
-    from fa_jax import train
-    from fa_jax.models import transformer
-
     notes = []
     dtype = cfg.model.dtype
     with_teacher = float(cfg.loss.alpha) > 0 if with_teacher is None else with_teacher
@@ -297,6 +288,15 @@ def _models(cfg, kind, mesh, rules, with_teacher=None):
         student = abstract_sharded(student_cfg, dtype, mesh, rules)
     if cfg.model.keep_layers is not None:
         student_cfg, student = transformer.select_layers(student_cfg, student, cfg.model.keep_layers)
+    if cfg.model.get("scan_layers"):  # the layout train.stack_models gives a run
+        notes.append("model.scan_layers=true: the program holds one layer body in a loop, and hlo_stats counts its "
+                     "collectives once, so the collective traffic and ICI time are per layer; compile with "
+                     "model.scan_layers=false for the whole step's traffic")
+        stacked = lambda c, p: with_shardings(s := jax.eval_shape(lambda q: transformer.stack_layers(c, q), p),
+                                              sh.tree_shardings(c, s, mesh, rules))
+        same = student is teacher
+        teacher = None if teacher is None else stacked(teacher_cfg, teacher)
+        student = teacher if same else stacked(student_cfg, student)
     if not with_teacher:
         teacher_cfg, teacher = None, None
     return teacher_cfg, teacher, student_cfg, student, notes
@@ -304,10 +304,6 @@ def _models(cfg, kind, mesh, rules, with_teacher=None):
 
 def training_program(cfg, kind: str, mesh, remat=None) -> tuple[Program, list]:
     """The jitted training step of `fa-jax pretrain` / `sft` for `cfg` over `mesh`, with abstract arguments."""
-    from fa_jax import train
-    from fa_jax.metrics import kd_step_flops
-    from fa_jax.models import transformer
-
     rules = train.mesh_rules(cfg)
     train.validate_shapes(cfg, mesh)
     teacher_cfg, teacher, student_cfg, student, notes = _models(cfg, kind, mesh, rules)
@@ -338,10 +334,6 @@ def training_program(cfg, kind: str, mesh, remat=None) -> tuple[Program, list]:
 def generation_programs(cfg, kind: str, mesh, batch: int, prompt_len: int, cache_len: int):
     """(prefill, decode) of `fa_jax.generate` for the run's student with its (unmerged) adapter: prefill runs
     `prompt_len` tokens per row into a cache of `cache_len` slots; decode runs one token at a traced slot."""
-    from fa_jax import adapters as adapters_lib
-    from fa_jax import train
-    from fa_jax.models import transformer
-
     if cache_len < prompt_len + 1:
         raise FaJaxError(f"--cache-len {cache_len} must exceed --prompt-len {prompt_len} (room for new tokens)")
     rules = train.mesh_rules(cfg)
@@ -400,20 +392,6 @@ def generation_programs(cfg, kind: str, mesh, batch: int, prompt_len: int, cache
 # ------------------------------------------------------------------------------------------------ compilation
 
 
-def memory_of(compiled) -> dict:
-    """Per-device bytes from XLA's memory analysis, with total_bytes = arguments + outputs - aliased (donated
-    inputs reused as outputs) + temporaries + generated code."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    out = {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
-           "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
-           "generated_code_bytes": int(m.generated_code_size_in_bytes)}
-    out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
-                          + out["generated_code_bytes"])
-    return out
-
-
 def cost_of(compiled) -> dict:
     c = compiled.cost_analysis()
     if isinstance(c, (list, tuple)):
@@ -460,8 +438,6 @@ def analyse(program: Program, compiled, seconds: float, topology: Topology, budg
     cost = cost_of(compiled)
     text = compiled.as_text()
     if hlo_dir:
-        from fa_jax.io.atomic import write_text
-
         os.makedirs(hlo_dir, exist_ok=True)
         name = re.sub(r"[^a-z0-9]+", "_", f"{program.name} {program.remat or ''}".lower()).strip("_")
         write_text(os.path.join(hlo_dir, f"{name}.hlo.txt"), text)
@@ -476,53 +452,12 @@ def analyse(program: Program, compiled, seconds: float, topology: Topology, budg
     est["tokens_per_s"] = program.tokens / est["step_s"] if est["step_s"] else None
     total = mem.get("total_bytes", 0)
     fits = total <= budget
-    return {"program": program.name, "remat": program.remat, "compile_s": round(seconds, 1),
+    return {"program": program.name, "remat": program.remat, "compile_s": round(seconds, 1), "hlo_bytes": len(text),
             "per_chip": {**mem, "arguments": program.arguments, "budget_bytes": int(budget), "fits": fits,
                          "largest_arrays": hlo_stats.largest_arrays(text, 5)},
             "flops": {"model_per_chip": model_per_chip, "with_remat_per_chip": executed, "xla_per_chip": cost["flops"],
                       "bytes_accessed_per_chip": cost["bytes_accessed"]},
             "collectives": colls, "estimate": est}
-
-
-def memory_budget(cfg, topology: Topology | None = None, device=None) -> float:
-    """Bytes a program may use per device: `run.memory_budget` if set (bytes, or a string such as "12GiB"),
-    else USABLE_FRACTION of the topology's chip HBM, of the device's own memory limit, or (CPU) of the memory
-    available on the host divided among its local devices."""
-    given = (cfg.get("run") or {}).get("memory_budget") if cfg is not None else None
-    if given not in (None, ""):
-        return parse_bytes(given, "run.memory_budget")
-    if topology is not None:
-        return USABLE_FRACTION * topology.chip.hbm_bytes
-    device = device or jax.local_devices()[0]
-    stats = None
-    try:
-        stats = device.memory_stats()
-    except Exception:  # CPU devices and some plugins have none
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        return USABLE_FRACTION * float(stats["bytes_limit"])
-    try:
-        with open("/proc/meminfo") as f:
-            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ":" in ln}
-        return USABLE_FRACTION * info["MemAvailable"] / max(1, len(jax.local_devices()))
-    except (OSError, KeyError, ValueError):
-        return float("inf")
-
-
-def parse_bytes(value, what: str) -> float:
-    """12e9, "12GiB", "16GB", "512MiB" -> bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]i?b?|b)?\s*", str(value).lower())
-    if not m:
-        raise FaJaxError(f"{what}={value!r}: expected bytes, e.g. 12e9, \"12GiB\" or \"16GB\"")
-    num, unit = float(m.group(1)), (m.group(2) or "b")
-    scale = {"b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-             "ki": 1024, "kib": 1024, "mi": 1024 ** 2, "mib": 1024 ** 2, "gi": GiB, "gib": GiB, "ti": 1024 ** 4,
-             "tib": 1024 ** 4}[unit]
-    if num <= 0:
-        raise FaJaxError(f"{what}={value!r}: expected a positive size")
-    return num * scale
 
 
 def compile_report(config, topology: str = "v5e-8", *, overrides=(), slices: int = 1, program: str = "train",
@@ -543,17 +478,13 @@ def compile_report(config, topology: str = "v5e-8", *, overrides=(), slices: int
     traffic_bytes}, "estimate" (roofline: step_s, bound_by, mfu, tokens_per_s) and "compile_s".
     Nothing is raised when a program does not fit: see `check_fits`.
     """
-    from fa_jax import run_config, train
-
     topo = parse_topology(topology, slices)
     if isinstance(config, (str, os.PathLike)) or config is None:
         kind, cfg = resolve_run_config(config, overrides, kind)
     else:
-        from fa_jax import sft
-
         kind = kind or run_kind(config)
-        defaults = train.pretrain_defaults() if kind == "pretrain" else sft.sft_defaults()
-        cfg = run_config.apply_overrides(run_config.merge(defaults, dict(config), "config"), overrides)
+        cfg = run_config.apply_overrides(run_config.merge(run_config.defaults(kind), dict(config), "config"),
+                                         overrides)
     if program not in ("train", "generate"):
         raise FaJaxError(f"program={program!r}: expected train or generate")
     devices = tpu_devices(topo)
@@ -608,10 +539,6 @@ def check_fits(report: dict) -> None:
             + ", ".join(f"{k} {gib(v)}" for k, v in top)
             + (f"; largest array {big['shape']} ({gib(big['bytes'])})" if big else "")
             + " (try model.remat=auto, a smaller data.batch_size with optim.grad_accum, or more fsdp)")
-
-
-def gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
 
 
 def _si(n: float, unit: str) -> str:
@@ -670,8 +597,6 @@ def format_report(report: dict) -> str:
 
 
 def write_json(report: dict, path: str) -> None:
-    from fa_jax.io.atomic import write_text
-
     write_text(path, json.dumps(report, indent=2, default=_json_default) + "\n")
 
 

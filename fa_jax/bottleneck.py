@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fa_jax.errors import FaJaxError
 
@@ -39,6 +40,27 @@ def apply(adapter, o):
     h = jnp.einsum("...d,dm->...m", o, d["kernel"].astype(o.dtype)) + d["bias"].astype(o.dtype)
     h = jax.nn.gelu(h, approximate=False)
     return o + (jnp.einsum("...m,md->...d", h, u["kernel"].astype(o.dtype)) + u["bias"].astype(o.dtype))
+
+
+def check(config, path: str, ad, where: str) -> None:
+    """A FaJaxError (prefixed `where`) unless `ad` at `path` is a bottleneck adapter of this model's width."""
+    D = config.hidden_size
+    try:
+        parts = {"down.kernel": ("down", "kernel"), "down.bias": ("down", "bias"), "up.kernel": ("up", "kernel"),
+                 "up.bias": ("up", "bias")}
+        shapes = {k: tuple(np.shape(ad[a][b])) for k, (a, b) in parts.items()}
+    except (KeyError, TypeError, IndexError):
+        raise FaJaxError(f"{where}: {path} is not a bottleneck adapter (expected down.kernel, down.bias, up.kernel, "
+                         f"up.bias)") from None
+    dk = shapes["down.kernel"]
+    if len(dk) != 2 or dk[0] != D:
+        raise FaJaxError(f"{where}: adapter for another model: {path}.down.kernel has shape {list(dk)}, expected "
+                         f"[{D}, m] (the model's hidden_size is {D})")
+    m = dk[1]
+    for k, want in (("down.bias", (m,)), ("up.kernel", (m, D)), ("up.bias", (D,))):
+        if shapes[k] != want:
+            raise FaJaxError(f"{where}: {path}.{k} has shape {list(shapes[k])}, expected {list(want)} (hidden_size "
+                             f"{D}, bottleneck size {m})")
 
 
 def num_params_per_adapter(d: int, m: int) -> int:

@@ -18,6 +18,8 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from fa_jax.errors import FaJaxError
 
@@ -188,11 +190,19 @@ class Checkpointer:
             raise FaJaxError(f"its data position {os.path.relpath(path, self.directory)} is unreadable "
                              f"({_first_line(e)})") from None
 
-    def restore(self, abstract_state, step: int | None = None, need_data: bool = False, set_aside: bool = True):
+    def saved_shapes(self, step: int, sharding=None):
+        """Checkpoint `step`'s state as ShapeDtypeStructs placed on `sharding`, from the tree metadata orbax wrote
+        with it: a restore target for a reader that does not rebuild the state (see `restore`)."""
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            getattr(meta, "tree", meta))
+
+    def restore(self, abstract_state, step: int | None = None, need_data: bool = False, set_aside: bool = True,
+                sharding=None):
         """(step, state, data_state) of the newest checkpoint that restores completely (or of `step`); state
-        placed as `abstract_state` says. Newer checkpoints that fail are reported and (`set_aside`: a resuming run,
-        not a reader) moved aside. `need_data`: a checkpoint without this process's data position does not count
-        as complete."""
+        placed as `abstract_state` says (None: as it was saved, `saved_shapes`, every array on `sharding`). Newer
+        checkpoints that fail are reported and (`set_aside`: a resuming run, not a reader) moved aside.
+        `need_data`: a checkpoint without this process's data position does not count as complete."""
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise FaJaxError(f"{self.directory}: no checkpoint to resume from")
@@ -203,8 +213,8 @@ class Checkpointer:
                 if reason is not None:
                     raise FaJaxError(reason)
                 data_state = self._data_state(s, need_data)
-                restored = self.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))
+                target = self.saved_shapes(s, sharding) if abstract_state is None else abstract_state
+                restored = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
             except Exception as e:  # any failure to read it: try the next older one
                 reason = str(e) if isinstance(e, FaJaxError) else _first_line(e)
                 print(f"checkpoint {s} skipped: {reason}")
@@ -235,8 +245,6 @@ class Checkpointer:
                         os.replace(extra, os.path.join(aside, f"{s}.{os.path.basename(extra)}"))
                 print(f"moved checkpoint {s} to {dst}")
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("fa_jax checkpoints set aside")
         self.manager = self._open()
 

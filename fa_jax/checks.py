@@ -13,7 +13,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from fa_jax.adapters import registry
 from fa_jax.errors import FaJaxError
+from fa_jax.models.spec import linear_modules
 
 
 def _is_tracer(x) -> bool:
@@ -76,79 +78,56 @@ def check_tokens(config, tokens, name: str = "tokens", **same_shape) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Adapter trees
 
-_TOP = ("model", "prompt_tuning", "prefix_tuning")  # prompt_tuning / prefix_tuning: checked where used (prompts.py)
-_BOTTLENECK = ("attn_adapter", "mlp_adapter")
-_LLAMA_ADAPTER = ("adaption_prompt", "adaption_gate")
-
-
 def _not_in_model(config, name: str, path: str, why: str = ""):
     raise FaJaxError(f"{name}: {path} is not a module of this {config.model_type} model{why} (an adapter for "
                      f"another model?)")
 
 
-def _check_bottleneck(config, name: str, path: str, ad) -> None:
-    D = config.hidden_size
-    try:
-        parts = {"down.kernel": ("down", "kernel"), "down.bias": ("down", "bias"), "up.kernel": ("up", "kernel"),
-                 "up.bias": ("up", "bias")}
-        shapes = {k: _shape(ad[a][b]) for k, (a, b) in parts.items()}
-    except (KeyError, TypeError, IndexError):
-        raise FaJaxError(f"{name}: {path} is not a bottleneck adapter (expected down.kernel, down.bias, up.kernel, "
-                         f"up.bias)") from None
-    dk = shapes["down.kernel"]
-    if len(dk) != 2 or dk[0] != D:
-        raise FaJaxError(f"{name}: adapter for another model: {path}.down.kernel has shape {list(dk)}, expected "
-                         f"[{D}, m] (the model's hidden_size is {D})")
-    m = dk[1]
-    for k, want in (("down.bias", (m,)), ("up.kernel", (m, D)), ("up.bias", (D,))):
-        if shapes[k] != want:
-            raise FaJaxError(f"{name}: {path}.{k} has shape {list(shapes[k])}, expected {list(want)} (hidden_size "
-                             f"{D}, bottleneck size {m})")
-
-
 def check_adapters(config, adapters, name: str = "adapters") -> None:
-    """Every path of an adapter tree is a module of this model, with shapes that fit it: LoRA / DoRA modules at the
-    model's linear layers (`lora.check_module`), bottleneck adapters and LLaMA-Adapter prompts of its layers and
-    width. None and {} pass. Prompt / prefix tuning are checked where the forward pass reads them."""
-    from fa_jax import lora
-    from fa_jax.models.transformer import linear_modules
-
+    """Every path of an adapter tree is a place of this model where a registered kind applies, with shapes that fit
+    it: linear-module adapters at the model's linear layers (LoRA / DoRA: `lora.check_module`), layer-site adapters
+    (bottleneck) and attention-site adapters (LLaMA-Adapter) of its layers and width. None and {} pass. Root kinds
+    (prompt / prefix tuning) are checked where the forward pass reads them."""
     if adapters is None:
         return
     if not isinstance(adapters, dict):
         raise FaJaxError(f"{name}: expected an adapter tree (a dict, as init_lora returns), got "
                          f"{type(adapters).__name__}")
+    top = ("model",) + tuple(k.name for k in registry.at_root())
     for key in adapters:
-        if key not in _TOP:
-            _not_in_model(config, name, str(key), f" (an adapter tree holds {', '.join(_TOP)})")
+        if key not in top:
+            _not_in_model(config, name, str(key), f" (an adapter tree holds {', '.join(top)})")
     model = adapters.get("model", {})
     if not isinstance(model, dict):
         raise FaJaxError(f"{name}: model is a {type(model).__name__}, expected a tree of layers")
     for key in model:
         if key != "layers":
             _not_in_model(config, name, f"model.{key}", " (adapters live under model.layers)")
-    n, D = config.num_hidden_layers, config.hidden_size
+    n = config.num_hidden_layers
     linear = dict(linear_modules(config))
+    layer_kinds = registry.layer_keys()
+    attention_keys = {key: k for k in registry.at_attention() for key in k.attention_keys}
+    default_linear = next((k for k in registry.kinds() if k.check_linear is not None), None)
     for i, la in model.get("layers", {}).items():
         if not (str(i).isdigit() and int(i) < n):
             _not_in_model(config, name, f"model.layers.{i}", f", which has {n} layers (0..{n - 1})")
         for site, sub in (la or {}).items():
             p = f"model.layers.{i}.{site}"
-            if site in _BOTTLENECK:
-                _check_bottleneck(config, name, p, sub)
+            if site in layer_kinds:
+                if layer_kinds[site].check_layer is not None:
+                    layer_kinds[site].check_layer(config, p, sub, name)
                 continue
             if site not in ("self_attn", "mlp") or not isinstance(sub, dict):
                 _not_in_model(config, name, p)
+            for kind in {attention_keys[m] for m in sub if site == "self_attn" and m in attention_keys}:
+                if kind.check_attention is not None:
+                    kind.check_attention(config, p, sub, name)
             for mod, ad in sub.items():
                 mp = f"{p}.{mod}"
-                if site == "self_attn" and mod in _LLAMA_ADAPTER:
-                    s = _shape(ad)
-                    if (mod == "adaption_gate" and s != (1,)) or (mod == "adaption_prompt" and
-                                                                  (len(s) != 2 or s[1] != D)):
-                        want = "[1]" if mod == "adaption_gate" else f"[n, {D}] (the model's hidden_size is {D})"
-                        raise FaJaxError(f"{name}: adapter for another model: {mp} has shape {list(s)}, expected "
-                                         f"{want}")
-                elif mp in linear:
-                    lora.check_module(mp, ad, *linear[mp], where=name)
-                else:
+                if site == "self_attn" and mod in attention_keys:
+                    continue
+                if mp not in linear:
                     _not_in_model(config, name, mp)
+                kind = registry.linear_kind(ad) or default_linear  # unclaimed: what the default kind expects
+                if kind is not None and kind.check_linear is not None:
+                    kind.check_linear(mp, ad, *linear[mp], where=name)

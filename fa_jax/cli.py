@@ -18,20 +18,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
 
+from fa_jax import adapters as adapters_lib
+from fa_jax import aot, distributed, evaluate, readapt, run_config, runs, sft, train, treemath
+from fa_jax.config import load_config
+from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
+from fa_jax.io import peft as peft_io
+from fa_jax.io.atomic import atomic_dir, write_text
+from fa_jax.io.hf import _parse_size, save_hf
+from fa_jax.io.load import load_model, load_tokenizer
+from fa_jax.models import transformer
+from fa_jax.validation import FLOAT_DTYPES
 
 
 def _info(args) -> None:
-    import fa_jax
-
     if args.path.endswith(".gguf"):
-        config, _ = fa_jax.load_model(args.path)  # GGUF metadata needs the reader; small models load fast
+        config, _ = load_model(args.path)  # GGUF metadata needs the reader; small models load fast
     else:
-        config = fa_jax.load_config(args.path)
+        config = load_config(args.path)
     print(f"{args.path}: {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads} heads / {config.num_key_value_heads} kv heads, vocab {config.vocab_size}, "
           f"rope {config.rope_type} (theta {config.rope_theta:g}), tied embeddings: {config.tie_word_embeddings}")
@@ -49,14 +58,10 @@ def _keep_layers(text):
 
 
 def _convert(args) -> None:
-    import fa_jax
-    from fa_jax.embedded import resolve_model_path
-    from fa_jax.models import transformer
-
     t0 = time.time()
     keep = _keep_layers(args.keep_layers)
     args.path = resolve_model_path(args.path)
-    config, params = fa_jax.load_model(args.path, dtype=args.dtype)
+    config, params = load_model(args.path, dtype=args.dtype)
     if keep is not None:
         n = config.num_hidden_layers
         config, params = transformer.select_layers(config, params, keep)
@@ -64,34 +69,28 @@ def _convert(args) -> None:
     tokenizer = None
     if not args.no_tokenizer:
         try:
-            tokenizer = fa_jax.load_tokenizer(args.path)
+            tokenizer = load_tokenizer(args.path)
         except Exception as e:  # a checkpoint without tokenizer files still converts
             print(f"note: no tokenizer saved ({type(e).__name__}: {str(e).splitlines()[0][:120]})", file=sys.stderr)
-    fa_jax.save_hf(config, params, args.out, max_shard_size=args.max_shard_size, tokenizer=tokenizer,
-                   overwrite=args.overwrite)
+    save_hf(config, params, args.out, max_shard_size=args.max_shard_size, tokenizer=tokenizer,
+            overwrite=args.overwrite)
     print(f"wrote {os.path.abspath(args.out)} ({config.num_params:,} parameters, {time.time() - t0:.1f} s)")
 
 
 def _export(args) -> None:
     """A run's adapter (its latest checkpoint) as a PEFT / fa_jax adapter directory, or merged into the student's
     weights as a Hugging Face directory."""
-    import fa_jax
-    from fa_jax import adapters as adapters_lib
-    from fa_jax import readapt, treemath
-    from fa_jax.embedded import resolve_model_path
-    from fa_jax.models import transformer
-
-    cfg = readapt.run_config_of(args.run)
+    cfg = runs.run_config_of(args.run)
     model = resolve_model_path(cfg.model.student or cfg.model.teacher)
     keep = cfg.model.keep_layers
     if args.merged or model.endswith(".gguf"):  # (a GGUF file's config is read with its weights)
-        config, params = fa_jax.load_model(model, dtype=args.dtype)
+        config, params = load_model(model, dtype=args.dtype)
     else:
-        config = fa_jax.load_config(model)
+        config = load_config(model)
         params = transformer.abstract_params(config)
     if keep is not None:
         config, params = transformer.select_layers(config, params, keep)
-    adapters = readapt.run_adapters(args.run, config, allow_pruned=True)
+    adapters = runs.run_adapters(args.run, config, allow_pruned=True)
     kind = adapters_lib.kind_of(adapters)
     if not args.merged:
         adapters_lib.save_adapter(config, adapters, args.out, base_model_name_or_path=model,
@@ -101,9 +100,9 @@ def _export(args) -> None:
     if not adapters_lib.MERGEABLE[kind]:
         raise FaJaxError(f"--merged: a {kind} adapter cannot be merged into the weights (only lora and dora can); "
                          "export it as an adapter instead")
-    tokenizer = fa_jax.load_tokenizer(model)
-    fa_jax.save_hf(config, treemath.merge(params, [(adapters, 1.0)]), args.out, tokenizer=tokenizer,
-                   overwrite=args.overwrite)
+    tokenizer = load_tokenizer(model)
+    save_hf(config, treemath.merge(params, [(adapters, 1.0)]), args.out, tokenizer=tokenizer,
+            overwrite=args.overwrite)
     print(f"wrote {os.path.abspath(args.out)} (the {config.num_hidden_layers}-layer student with the {kind} adapter "
           "merged in)")
 
@@ -111,17 +110,10 @@ def _export(args) -> None:
 def _run_training(args, kind: str) -> None:
     """`pretrain` or `sft`: resolve the config, run, and print the last metrics."""
     if args.distributed:
-        from fa_jax import distributed
-
         distributed.initialize()
-    from fa_jax import run_config, sft, train
-
-    defaults = train.pretrain_defaults() if kind == "pretrain" else sft.sft_defaults()
     overrides = list(args.overrides) + (["run.force_resume=true"] if args.force_resume else [])
-    cfg = run_config.load(args.config, defaults, overrides)
+    cfg = run_config.load(args.config, run_config.defaults(kind), overrides)
     if args.print_config:
-        import json
-
         print(json.dumps(cfg, indent=2, default=str))
         return
     summary = train.pretrain(cfg) if kind == "pretrain" else sft.finetune(cfg)
@@ -142,35 +134,19 @@ def _run_training(args, kind: str) -> None:
 def _load_eval_adapter(path, config, keep_layers):
     """(config, adapters, keep_layers) for `eval --adapter`: a PEFT directory or a fa_jax run directory (its
     exported adapter, on the student its config.json names with keep_layers)."""
-    import json
-
-    from fa_jax.adapters import FA_JAX_CONFIG
-    from fa_jax.io.peft import CONFIG
-
     if path is None:
         return None, keep_layers
     if not os.path.isdir(path):
         raise FaJaxError(f"--adapter {path}: no such directory")
-    run_cfg = os.path.join(path, "config.json")
-    is_adapter = lambda d: any(os.path.exists(os.path.join(d, f)) for f in (CONFIG, FA_JAX_CONFIG))
-    if is_adapter(os.path.join(path, "adapter_peft")):
-        if keep_layers is None and os.path.exists(run_cfg):
-            keep_layers = json.load(open(run_cfg)).get("model", {}).get("keep_layers")
-        return os.path.join(path, "adapter_peft"), keep_layers
-    if is_adapter(path):
+    exported = runs.exported_adapter(path)
+    if exported:
+        return exported, runs.keep_layers_of(path) if keep_layers is None else keep_layers
+    if runs.holds_adapter(path):
         return path, keep_layers
     raise FaJaxError(f"--adapter {path}: not a PEFT adapter directory or a fa_jax run with adapter_peft/")
 
 
 def _eval(args) -> None:
-    import json
-
-    import fa_jax
-    from fa_jax import evaluate
-    from fa_jax.embedded import resolve_model_path
-    from fa_jax.io.atomic import atomic_dir, write_text
-    from fa_jax.models import transformer
-
     if not (args.perplexity or args.agreement or args.qa):
         raise FaJaxError("eval: nothing to do; give --perplexity TEXT, --agreement TEXT (with --teacher) or --qa "
                          "RECORDS.jsonl")
@@ -179,13 +155,11 @@ def _eval(args) -> None:
     keep = _keep_layers(args.keep_layers)
     adapter_dir, keep = _load_eval_adapter(args.adapter, None, keep)
     path = resolve_model_path(args.model)
-    config, params = fa_jax.load_model(path, dtype=args.dtype)
-    tokenizer = fa_jax.load_tokenizer(path)
+    config, params = load_model(path, dtype=args.dtype)
+    tokenizer = load_tokenizer(path)
     if keep is not None:
         config, params = transformer.select_layers(config, params, keep)
-    from fa_jax.adapters import load_adapter_dir
-
-    adapters = load_adapter_dir(config, adapter_dir) if adapter_dir else None
+    adapters = adapters_lib.load_adapter_dir(config, adapter_dir) if adapter_dir else None
     summary = {"model": args.model, "adapter": args.adapter, "keep_layers": keep}
     kw = dict(seq_len=args.seq_len, batch_size=args.batch_size)
     # a new --out directory appears complete or not at all; files in an existing one are each replaced atomically
@@ -198,7 +172,7 @@ def _eval(args) -> None:
                                                         adapters=adapters, **kw)
         if args.agreement:
             t_path = resolve_model_path(args.teacher)
-            t_cfg, teacher = fa_jax.load_model(t_path, dtype=args.dtype)
+            t_cfg, teacher = load_model(t_path, dtype=args.dtype)
             summary["teacher_agreement"] = evaluate.teacher_agreement(t_cfg, teacher, config, params, tokenizer,
                                                                       args.agreement, adapters=adapters, **kw)
         if args.qa:
@@ -212,16 +186,11 @@ def _eval(args) -> None:
 
 
 def _diff(args) -> None:
-    from fa_jax import readapt
-
     readapt.diff(args.base, args.tuned, args.out, linear_only=args.linear_only, overwrite=args.overwrite)
     print(f"wrote {os.path.abspath(args.out)} (RE-Adapter: tuned - base, float32, Hugging Face tensor names)")
 
 
 def _truncate(args) -> None:
-    from fa_jax import readapt
-    from fa_jax.io import peft as peft_io
-
     report = readapt.truncate(args.delta, args.out, tau=args.tau, rank=args.rank, overwrite=args.overwrite,
                               base_config=args.base_config)
     print(readapt.rank_table(report))
@@ -235,8 +204,6 @@ def _truncate(args) -> None:
 
 def _dtype_arg(text: str) -> str:
     """--dtype of convert / merge: a floating-point dtype name (an argparse usage error otherwise)."""
-    from fa_jax.validation import FLOAT_DTYPES
-
     if text not in FLOAT_DTYPES:
         raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(FLOAT_DTYPES)}")
     return text
@@ -244,8 +211,6 @@ def _dtype_arg(text: str) -> str:
 
 def _shard_size_arg(text: str) -> str:
     """--max-shard-size: a positive size as save_hf parses it (5GB, 500MB, 2GiB or bytes); kept as given."""
-    from fa_jax.io.hf import _parse_size
-
     try:
         ok = _parse_size(text) > 0
     except (ValueError, OverflowError):
@@ -267,8 +232,6 @@ def _parse_adapter(text: str):
 
 
 def _merge(args) -> None:
-    from fa_jax import readapt
-
     adapters = [_parse_adapter(a) for a in args.adapter]
     readapt.merge(args.base, adapters, args.out, overwrite=args.overwrite, dtype=args.dtype,
                   tokenizer_dir=args.tokenizer)
@@ -281,8 +244,6 @@ def _merge(args) -> None:
 
 def _compile(args) -> None:
     """Ahead-of-time compilation of a pretrain / sft config for a TPU topology (fa_jax.aot)."""
-    from fa_jax import aot
-
     t0 = time.time()
     report = aot.compile_report(args.config, args.topology, overrides=args.overrides, slices=args.slices,
                                 program=args.program, kind=args.kind, batch=args.batch, prompt_len=args.prompt_len,

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from fa_jax.errors import FaJaxError
+from fa_jax.models import spec  # the parameter table: plain Python, no JAX
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -54,15 +55,16 @@ class ModelConfig:
     # models/attention_kernels.py). Not a property of the checkpoint, so never written to config.json; part of
     # equality and hashing because it changes the traced program (jit static arguments must tell them apart).
     attention_impl: str = "xla"
+    # Run the decoder layers under `nn.scan` (run configs: `model.scan_layers`): the layers' weights stacked along a
+    # leading axis (`transformer.stack_layers`). A way of computing, like attention_impl: never in config.json.
+    scan_layers: bool = False
     # The source config.json as a dict (kept to write it back); not part of equality or hashing.
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def num_params(self) -> int:
         """Number of parameters of the base model (tied embeddings counted once)."""
-        from fa_jax.models import transformer  # local import: config has no JAX dependency
-
-        return transformer.count_params(self)
+        return spec.count_params(self)
 
     def window(self, layer: int) -> int:
         return self.sliding_windows[layer] if self.sliding_windows else 0

@@ -59,6 +59,8 @@ import warnings
 import datasets
 import jax
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 
 from fa_jax.errors import FaJaxError
@@ -293,8 +295,6 @@ def _parse_text(path, split):
 
 
 def _load_parquet(files, text_field, streaming, cache_dir):
-    import pyarrow.parquet as pq
-
     for f in files:
         try:
             schema = pq.read_schema(f)
@@ -337,8 +337,6 @@ def _text_column(ds, text_field, where):
 def _drop_blank(ds):
     if isinstance(ds, datasets.IterableDataset):
         return ds.filter(lambda text: text is not None and not text.isspace() and text != "", input_columns="text")
-    import pyarrow.compute as pc
-
     return ds.with_format("arrow").filter(
         lambda text: pc.invert(pc.match_substring_regex(pc.fill_null(text, ""), r"^\s*$")),
         batched=True, input_columns="text").with_format(None)
@@ -388,7 +386,7 @@ def _decode(value) -> str:
 
 def _load_tfds(name, data_dir, split, text_field, download):
     try:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # lazy: the optional [tfds] extra, and heavy (TensorFlow)
     except ImportError:
         raise FaJaxError(f"TFDS source {name!r}: tensorflow-datasets is not installed; "
                          "pip install 'fa_jax[tfds]'") from None

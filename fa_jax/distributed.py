@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from fa_jax.errors import FaJaxError
 
 ENV = ("FA_JAX_COORDINATOR", "FA_JAX_NUM_PROCESSES", "FA_JAX_PROCESS_ID")
@@ -17,8 +19,6 @@ ENV = ("FA_JAX_COORDINATOR", "FA_JAX_NUM_PROCESSES", "FA_JAX_PROCESS_ID")
 
 def initialize(timeout_s: int = 300) -> tuple[int, int]:
     """Join the cluster; returns (process index, process count)."""
-    import jax
-
     given = {k: os.environ[k] for k in ENV if os.environ.get(k)}
     if given and len(given) != len(ENV):
         missing = ", ".join(k for k in ENV if k not in given)

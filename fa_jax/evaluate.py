@@ -43,12 +43,16 @@ import os
 import re
 import unicodedata
 
+import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fa_jax import checks, losses
+from fa_jax.data import PackedBatches, load_documents, pack_row
 from fa_jax.errors import FaJaxError
+from fa_jax.generate import generate_text
+from fa_jax.io.atomic import write_text
 from fa_jax.models import transformer
 
 # --------------------------------------------------------------------------------------------------- answer metrics
@@ -81,7 +85,7 @@ def rouge_l(prediction: str, reference: str, *, use_stemmer: bool = True) -> dic
     """
     key = bool(use_stemmer)
     if key not in _SCORERS:
-        from rouge_score import rouge_scorer
+        from rouge_score import rouge_scorer  # lazy: it imports nltk (about a second), needed for QA scores only
 
         _SCORERS[key] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=key)
     score = _SCORERS[key].score(_text(reference, "reference"), _text(prediction, "prediction"))["rougeL"]
@@ -99,8 +103,6 @@ def _text(value, name):
 
 def _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
     """One padded pass of packed rows over `documents` (see `perplexity`), read as process 0 of 1."""
-    from fa_jax.data import PackedBatches
-
     source = documents
     if isinstance(documents, (list, tuple)):
         if not documents:
@@ -109,8 +111,6 @@ def _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_f
             if not isinstance(d, str):
                 raise FaJaxError(f"documents[{i}]: a {type(d).__name__}; expected a string (a list holds texts; "
                                  "give files as one path or glob string)")
-        import datasets
-
         source = datasets.Dataset.from_dict({"text": list(documents)})
     return PackedBatches(source, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0, process_index=0,
                          process_count=1, add_bos=add_bos, add_eos=add_eos, on_error="fail", num_epochs=1,
@@ -243,8 +243,6 @@ def _specials(tokenizer, add_bos, add_eos) -> tuple[list, list, int]:
 def _texts(documents, text_field, split) -> list[str]:
     """The documents' texts, in order: a list of strings, a `datasets.Dataset` (its `text_field` column) or a data
     source `fa_jax.data.load_documents` reads."""
-    import datasets
-
     if isinstance(documents, (list, tuple)):
         for i, d in enumerate(documents):
             if not isinstance(d, str):
@@ -252,8 +250,6 @@ def _texts(documents, text_field, split) -> list[str]:
         return list(documents)
     if isinstance(documents, datasets.Dataset):
         return list(documents[text_field])
-    from fa_jax.data import load_documents
-
     return list(load_documents(documents, split=split, text_field=text_field, on_error="fail")["text"])
 
 
@@ -271,8 +267,6 @@ def document_batches(tokenizer, documents, *, seq_len: int = 256, batch_size: in
     `PackedBatches` gives them, the last padded with empty rows; docs: int [B, T] per batch, the document (index in
     `documents`) of each token position, -1 where none.
     """
-    from fa_jax.data import pack_row
-
     texts = _texts(documents, text_field, split)
     bos, eos, pad_id = _specials(tokenizer, add_bos, add_eos)
     T = int(seq_len)
@@ -700,7 +694,7 @@ def _render(tokenizer, messages) -> str:
 def _takes_system_turn(tokenizer, record, with_context) -> bool:
     """Whether the chat template renders `record`'s system turn: it neither raises (Gemma's and Mistral's templates
     raise "System role not supported") nor drops the system text."""
-    import jinja2
+    import jinja2  # lazy: transformers' chat-template engine, not a dependency of fa_jax's own
 
     messages = qa_messages(record, with_context)
     try:
@@ -723,7 +717,7 @@ def chat_prompts(tokenizer, records, with_context: bool = False, prompt_format: 
 
 
 def _chat_prompts(tokenizer, wheres, records, with_context, prompt_format):
-    import jinja2
+    import jinja2  # lazy: as in _takes_system_turn
 
     if prompt_format not in PROMPT_FORMATS:
         raise FaJaxError(f"prompt_format={prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
@@ -777,8 +771,7 @@ def evaluate_qa(config, params, tokenizer, records, *, adapters=None, generate_f
                          "has none): the system turn exists only in a chat")
     else:
         prompts, prompt_format = [qa_prompt(r, with_context) for r in records], "user"
-    if generate_fn is None:
-        from fa_jax.generate import generate_text as generate_fn
+    generate_fn = generate_fn or generate_text
     predictions = list(generate_fn(config, params, tokenizer, prompts, adapters=adapters,
                                    max_new_tokens=max_new_tokens, chat=False, add_special_tokens=not chat,
                                    batch_size=batch_size, dtype=dtype))
@@ -797,6 +790,4 @@ def evaluate_qa(config, params, tokenizer, records, *, adapters=None, generate_f
 
 def _write_atomic(path: str, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path` (never a half-written file)."""
-    from fa_jax.io.atomic import write_text
-
     write_text(path, text)

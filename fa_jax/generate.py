@@ -23,7 +23,6 @@ Axis legend: B batch, P prompt slots, N new-token slots, S cache slots (P + N), 
 """
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import sys
@@ -41,7 +40,6 @@ from fa_jax.models import transformer
 
 BUCKET = 64  # prompt slots and new-token slots are rounded up to a multiple of this
 STOP_CHECK_EVERY = 16  # decode steps between two host-side checks of the stop strings
-TRACES: collections.Counter = collections.Counter()  # how often prefill / decode were traced (tests read this)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,12 +106,11 @@ def _prefill(config, dtype, new_slots, params, adapters, tokens, valid, state):
     """Prompts [B, P] (left-padded, `valid` False on padding) -> the state holding the cache and the logits of
     the first new token. A prompt / prefix tuning adapter's N virtual tokens take the first N slots (positions
     0..N-1): the prompts then go into slots N..N+P-1 and their positions, like `lens`, are shifted by N."""
-    TRACES["prefill"] += 1
     B, P = tokens.shape
     n = prompts_lib.num_virtual_tokens(adapters)
     cache = transformer.init_cache(config, B, n + P + new_slots, dtype)
     if n:
-        cache = prompts_lib.fill_cache(config, params, adapters, cache, dtype)
+        cache = transformer.fill_cache(config, params, adapters, cache, dtype)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32) + n
     hidden, cache = transformer.hidden_states_with_cache(config, params, tokens, cache, n, positions, valid,
                                                          adapters, dtype=dtype)
@@ -127,7 +124,6 @@ def _decode(config, dtype, params, adapters, state, stop_at):
     """Steps until every row is done or `stop_at` tokens have been sampled (a traced bound). A step samples a
     token from the pending logits, then runs it through the model for the next logits (sampling lives only here:
     the prefill compiles without it)."""
-    TRACES["decode"] += 1
     P = state["cache"]["valid"].shape[1] - state["out"].shape[1]
 
     def cond(st):

@@ -33,6 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fa_jax.errors import FaJaxError
+from fa_jax.io.atomic import atomic_dir
+from fa_jax.io.peft_dir import read_adapter_config, weights_file, write_model_record
+from fa_jax.io.safetensors import SafetensorsFile, write
 
 PROMPT, GATE = "adaption_prompt", "adaption_gate"
 PEFT_MODEL_TYPES = ("llama", "mistral")  # peft.tuners.adaption_prompt.config.TRANSFORMERS_MODEL_CONFIG
@@ -41,24 +44,28 @@ WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def prompt_attention(config, p, a, q):
-    """The gated prompt attention of one layer, before o_proj: [B, T, H * K].
-
-    p: the layer's "self_attn" params; a: its adapter dict (holding adaption_prompt [n, D] and adaption_gate [1],
-    and possibly LoRA modules for k_proj / v_proj); q: the layer's rope'd queries [B, T, H, K] in the compute dtype.
-    """
-    from fa_jax.models import layers
-
+def gated_prompt_attention(q, k, v, gate):
+    """LLaMA-Adapter's zero-init attention of the queries q [B, T, H, K] over one layer's adaption prompt (keys and
+    values [n, G, K]), scaled by the gate [1]: its own softmax, added to the layer's attention output. [B, T, H*K]."""
     B, T, H, K = q.shape
-    G = config.num_key_value_heads
-    prompt = a[PROMPT].astype(q.dtype)
-    n = prompt.shape[0]
-    k = layers.dense(prompt, p["k_proj"], a.get("k_proj")).reshape(n, G, K)
-    v = layers.dense(prompt, p["v_proj"], a.get("v_proj")).reshape(n, G, K)
+    G = k.shape[1]
     s = jnp.einsum("btgqk,ngk->btgqn", q.reshape(B, T, G, H // G, K), k,
                    preferred_element_type=jnp.float32) * (K ** -0.5)
-    probs = jax.nn.softmax(s, axis=-1).astype(q.dtype) * a[GATE].astype(q.dtype).reshape(())
+    probs = jax.nn.softmax(s, axis=-1).astype(q.dtype) * gate.astype(q.dtype).reshape(())
     return jnp.einsum("btgqn,ngk->btgqk", probs, v).reshape(B, T, H * K)
+
+
+def check_layer(config, path: str, sub: dict, where: str) -> None:
+    """A FaJaxError (prefixed `where`) unless the self_attn subtree `sub` at `path` holds a prompt [n, D] and a gate
+    [1] of this model."""
+    D = config.hidden_size
+    for key in (PROMPT, GATE):
+        if key not in sub:
+            continue
+        s = tuple(np.shape(sub[key]))
+        if (key == GATE and s != (1,)) or (key == PROMPT and (len(s) != 2 or s[1] != D)):
+            want = "[1]" if key == GATE else f"[n, {D}] (the model's hidden_size is {D})"
+            raise FaJaxError(f"{where}: adapter for another model: {path}.{key} has shape {list(s)}, expected {want}")
 
 
 def _is_int(v) -> bool:
@@ -132,8 +139,6 @@ def save_llama_adapter(config, adapters, out_dir: str, *, base_model_name_or_pat
                        overwrite: bool = False) -> str:
     """Write the LLaMA-Adapter part of a tree as a PEFT adaption-prompt directory (adapter_config.json +
     adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads for llama / mistral models."""
-    from fa_jax.io.atomic import atomic_dir
-    from fa_jax.io.safetensors import write
 
     found, n, L = _check_tree(config, adapters, "save_llama_adapter")
     cfg = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": int(n), "adapter_layers": int(L),
@@ -146,7 +151,6 @@ def save_llama_adapter(config, adapters, out_dir: str, *, base_model_name_or_pat
         entries.append((base + PROMPT, (1, n, config.hidden_size), out_dt(pr),
                         lambda pr=pr: np.asarray(jax.device_get(pr))[None]))
         entries.append((base + GATE, (1,), out_dt(g), lambda g=g: np.asarray(jax.device_get(g))))
-    from fa_jax.io.peft import write_model_record
 
     with atomic_dir(out_dir, overwrite) as tmp:
         write(os.path.join(tmp, WEIGHTS), entries, metadata={"format": "pt"})
@@ -158,8 +162,6 @@ def save_llama_adapter(config, adapters, out_dir: str, *, base_model_name_or_pat
 
 def load_llama_adapter(config, in_dir: str, dtype=jnp.float32):
     """A LLaMA-Adapter tree from a PEFT adaption-prompt directory (the layout of `init_llama_adapter`)."""
-    from fa_jax.io.peft import read_adapter_config, weights_file
-    from fa_jax.io.safetensors import SafetensorsFile
 
     cfg = read_adapter_config(in_dir)
     f = os.path.join(in_dir, CONFIG)
@@ -196,5 +198,5 @@ def load_llama_adapter(config, in_dir: str, dtype=jnp.float32):
     return tree
 
 
-__all__ = ("init_llama_adapter", "prompt_attention", "adapted_layers", "iter_prompts", "save_llama_adapter",
+__all__ = ("init_llama_adapter", "adapted_layers", "iter_prompts", "save_llama_adapter",
            "load_llama_adapter", "PEFT_MODEL_TYPES")

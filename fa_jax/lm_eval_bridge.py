@@ -41,6 +41,7 @@ import warnings
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -50,7 +51,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("fa_jax.lm_eval_bridge needs lm-evaluation-harness: pip install -e .[eval] "
                       f"(or pip install lm-eval) ({e})") from e
 
+from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
+from fa_jax.evaluate import target_logprobs
+from fa_jax.generate import generate_text
+from fa_jax.io.load import load_model, load_tokenizer
+from fa_jax.io.peft import load_peft
 
 _MIN_BUCKET = 16
 _GEN_KEYS = ("until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
@@ -91,23 +97,19 @@ class FaJaxLM(TemplateLM):
                  dtype: str = "float32", compute_dtype=None, add_bos_token: bool | None = None,
                  chunk_size=128, generate_fn=None, max_batch_size=None, device=None):
         super().__init__()
-        import fa_jax
-
         if pretrained is not None:
             if config is not None or params is not None:
                 raise FaJaxError("FaJaxLM: give either pretrained=PATH or config= and params=, not both")
-            from fa_jax.embedded import resolve_model_path
-
             path = resolve_model_path(str(pretrained))
-            config, params = fa_jax.load_model(path, dtype=dtype)
-            tokenizer = tokenizer if tokenizer is not None else fa_jax.load_tokenizer(path)
+            config, params = load_model(path, dtype=dtype)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
         elif config is None or params is None or tokenizer is None:
             raise FaJaxError("FaJaxLM: expected pretrained=PATH (HF directory, .gguf or embedded:NAME), or config=, "
                              "params= and tokenizer=")
         if peft is not None:
             if adapters is not None:
                 raise FaJaxError("FaJaxLM: give either peft=DIR or adapters=, not both")
-            adapters = fa_jax.load_peft(config, str(peft))
+            adapters = load_peft(config, str(peft))
         self.config, self.params, self.adapters, self.tokenizer = config, params, adapters, tokenizer
         self._batch_size = _positive_int(batch_size, "batch_size")
         self._max_length = _positive_int(max_length if max_length is not None else config.max_position_embeddings,
@@ -122,7 +124,6 @@ class FaJaxLM(TemplateLM):
                              "condition on when a context is empty")
         self.compute_dtype = compute_dtype
         self._generate_fn = generate_fn
-        from fa_jax.evaluate import target_logprobs
 
         def score(params, adapters, tokens, targets, mask):
             return target_logprobs(config, params, tokens, targets, mask, adapters, dtype=compute_dtype,
@@ -191,8 +192,6 @@ class FaJaxLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum log p(continuation | context), is_greedy) per request ((key, context ids, continuation ids))."""
-        from tqdm import tqdm
-
         results: list = [None] * len(requests)
         todo = []
         for i, (key, context, continuation) in enumerate(requests):
@@ -245,9 +244,7 @@ class FaJaxLM(TemplateLM):
     # -- generation ---------------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generated continuation of each (context, gen_kwargs) request, cut before the first `until` string."""
-        generate = self._generate_fn
-        if generate is None:
-            from fa_jax.generate import generate_text as generate
+        generate = self._generate_fn or generate_text
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
@@ -289,7 +286,7 @@ class FaJaxLM(TemplateLM):
 
 def main(argv=None) -> int:
     """lm-eval's command line with the "fa_jax" model registered (`python -m fa_jax.lm_eval_bridge ...`)."""
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # lazy: lm-eval's command line, only for this entry point
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

@@ -13,12 +13,15 @@ A DoRA module (weight-decomposed LoRA, Liu et al. 2024; PEFT `use_dora=True`) is
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from fa_jax.errors import FaJaxError
+from fa_jax.models.spec import linear_modules
+from fa_jax.tree import get_path, set_path
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -59,6 +62,23 @@ def _low_rank_bwd(res, g):
 
 
 _low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+def linear(x, p, adapter, dropout=None):
+    """A linear module with a LoRA adapter: x @ kernel (+ bias) + scale * (dropout(x) @ A) @ B, for p {"kernel" [I, O],
+    "bias" [O] or None} (the `linear` site of the registry, fa_jax/adapters/)."""
+    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
+    if p.get("bias") is not None:
+        y = y + p["bias"].astype(y.dtype)
+    return apply(x, y, adapter, dropout)
+
+
+def dora_linear(x, p, adapter, dropout=None):
+    """A linear module with a DoRA adapter: `apply_dora` on the bias-free output, then the bias (as in PEFT)."""
+    y = apply_dora(x, jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype)), p["kernel"], adapter, dropout)
+    if p.get("bias") is not None:
+        y = y + p["bias"].astype(y.dtype)
+    return y
 
 
 def is_dora(adapter) -> bool:
@@ -154,7 +174,6 @@ def materialize(kernel, adapter):
 def init_magnitude(adapters, params):
     """The adapter tree with every LoRA module made DoRA: `magnitude` = ||W + scale * A @ B||_c [O] float32 from
     the base `params` (PEFT's initialisation), so the model's output is unchanged by the conversion."""
-    from fa_jax.tree import get_path, set_path
 
     out = adapters
     for path, ad in iter_modules(adapters):
@@ -172,8 +191,6 @@ def resolve_targets(config, targets) -> list[str]:
     `targets` is "all-linear" (every projection of every layer; the LM head is excluded, as in PEFT), or a list
     of module names (`q_proj`) or full module paths. A name that matches nothing is an error listing the choices.
     """
-    from fa_jax.models.transformer import linear_modules
-
     modules = [m for m, _ in linear_modules(config)]
     if targets == "all-linear":
         return [m for m in modules if m.rsplit(".", 1)[-1] in ALL_LINEAR]
@@ -213,13 +230,11 @@ def init_lora(config, rng, rank: int = 8, alpha: float = 16.0, targets="all-line
     if use_dora and params is None:
         raise FaJaxError("init_lora(use_dora=True) needs the base params (params=...): DoRA's magnitude starts at "
                          "the column norms of the base weights")
-    from fa_jax.models.transformer import linear_modules
-
     shapes = dict(linear_modules(config))
     paths = resolve_targets(config, targets)
     for name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for k in pattern or {}:
-            if not any(p == k or p.endswith("." + k) for p in shapes):
+            if not any(pattern_key({k: None}, p) is not None for p in shapes):
                 raise FaJaxError(f"LoRA {name} key {k!r} matches no module of this {config.model_type} model "
                                  f"(module names: {', '.join(sorted({p.rsplit('.', 1)[-1] for p in shapes}))}, "
                                  f"or full module paths)")
@@ -227,8 +242,8 @@ def init_lora(config, rng, rank: int = 8, alpha: float = 16.0, targets="all-line
     tree: dict = {}
     keys = jax.random.split(rng, len(paths))
     for key, path in zip(keys, paths):
-        r = int(_lookup(rank_pattern, path, rank))
-        a = float(_lookup(alpha_pattern, path, alpha))
+        r = int(pattern_value(rank_pattern, path, rank))
+        a = float(pattern_value(alpha_pattern, path, alpha))
         d_in, d_out = shapes[path]
         if init == "kaiming":
             A = jax.random.uniform(key, (d_in, r), dtype, -1.0, 1.0) / math.sqrt(d_in)
@@ -241,16 +256,21 @@ def init_lora(config, rng, rank: int = 8, alpha: float = 16.0, targets="all-line
     return init_magnitude(tree, params) if use_dora else tree
 
 
-def _lookup(pattern: dict | None, path: str, default):
-    """Per-module override: an exact path wins over a module name (`q_proj`) or a path suffix."""
-    if not pattern:
-        return default
-    if path in pattern:
-        return pattern[path]
-    for k, v in pattern.items():
-        if path.endswith("." + k):
-            return v
-    return default
+def pattern_key(pattern: dict | None, path: str):
+    """The key of `rank_pattern` / `alpha_pattern` that applies to the module `path`, or None: PEFT's rule, the first
+    key k (in the dict's order) with re.match(rf"(.*\\.)?({k})$", path), so a key is a module name (`q_proj`), a path
+    suffix or full path (`layers.0.self_attn.q_proj`) or a regular expression."""
+    for k in pattern or {}:
+        if re.match(rf"(.*\.)?({k})$", path):
+            return k
+    return None
+
+
+def pattern_value(pattern: dict | None, path: str, default):
+    """The per-module value of `pattern` for `path` (`pattern_key`), else `default`. The one matcher of fa_jax: LoRA
+    initialisation, PEFT import and export all use it."""
+    k = pattern_key(pattern, path)
+    return default if k is None else pattern[k]
 
 
 def iter_modules(adapters, prefix: str = "") -> Iterable[tuple[str, dict]]:
@@ -273,7 +293,6 @@ def trainable_mask(adapters):
 
 def merge_into(params, adapters):
     """Base params with every LoRA or DoRA module folded in (`materialize`); returns a new tree."""
-    from fa_jax.tree import get_path, set_path
 
     out = params
     for path, ad in iter_modules(adapters):
@@ -293,6 +312,7 @@ def num_params(adapters, trainable_only: bool = True) -> int:
     return sum(int(x.size) for x, m in zip(jax.tree.leaves(adapters), jax.tree.leaves(mask)) if m or not trainable_only)
 
 
-__all__: Sequence[str] = ("init_lora", "init_magnitude", "apply", "apply_dora", "is_dora", "weight_norm",
+__all__: Sequence[str] = ("init_lora", "init_magnitude", "apply", "apply_dora", "linear", "dora_linear", "is_dora",
+                          "pattern_key", "pattern_value", "weight_norm",
                           "materialize", "merge_into", "resolve_targets", "iter_modules", "trainable_mask",
                           "num_params", "check_module", "check_rank", "ALL_LINEAR")

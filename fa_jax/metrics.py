@@ -10,6 +10,8 @@ import os
 import jax
 from tqdm.auto import tqdm
 
+from fa_jax.io.atomic import write_text
+
 # Dense bf16 peak FLOP/s per device, for the model-FLOPs-utilisation estimate (vendor figures, no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
@@ -45,13 +47,11 @@ class MetricsLogger:
             # (and are plotted with the new ones).
             self.history = [r for r in read_history(out_dir) if r.get("step", 0) <= start_step]
             if os.path.exists(path):
-                from fa_jax.io.atomic import write_text
-
                 write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
             self.jsonl = open(path, "a")
             if tensorboard:
                 try:
-                    from tensorboardX import SummaryWriter
+                    from tensorboardX import SummaryWriter  # lazy: 2 s to import, only with run.tensorboard
 
                     self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
                 except ImportError:
@@ -105,7 +105,7 @@ def plot_curves(history: list[dict], path: str, keys=("loss", "kd", "lm"), title
     rows = [r for r in history if any(k in r for k in keys)]
     if not rows:
         return None
-    import matplotlib
+    import matplotlib  # lazy: about a second to import, needed for the plots only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -20,13 +20,13 @@ adapters; one of the two kinds at a time, everything in it trainable):
 
 What the model computes (as PEFT on transformers): the virtual tokens take positions 0..N-1 and the real tokens'
 positions are shifted by N (explicit `positions` count from 0 and are shifted too). Prompt tuning runs the N
-embeddings through every layer (they attend only to each other, causally); their keys and values, computed once
-for the batch, are then a per-layer prefix exactly like prefix tuning's. Every real token attends to the whole
+embeddings through every layer in front of each row (models/modules.py; they attend only to each other, causally);
+prefix tuning's keys and values are a per-layer prefix in front of the tokens' own. Every real token attends to the whole
 prefix whatever its padding or segment: in a packed row every document sees the prompt, as if it stood at the
 start of each document (positions restart at N in each document). In sliding-window layers the prefix is seen
 only while it is inside the window (q - k < window with the prefix at 0..N-1), as in transformers.
 `forward` / `hidden_states` return the real tokens only ([B, T, ...]), so masks and losses are unchanged.
-Generation puts the prefix in the first N slots of every layer's cache.
+Generation puts the prompt or prefix in the first N slots of every layer's cache (`transformer.fill_cache`).
 
 Axis legend: N virtual tokens, L layers, G key/value heads, K head dim, D model, C prefix embedding width,
 E prefix MLP hidden width, B batch, T time.
@@ -142,6 +142,14 @@ def _shape_error(what, got, want):
     raise FaJaxError(f"prefix_tuning: {what} has shape {list(got)}, expected {want} for this model")
 
 
+def prompt_embeddings(config, adapters):
+    """The tree's prompt_tuning embeddings [N, D], checked against the model's width."""
+    emb = adapters["prompt_tuning"]["embedding"]
+    if emb.ndim != 2 or emb.shape[1] != config.hidden_size:
+        raise FaJaxError(f"prompt_tuning: embedding has shape {list(emb.shape)}, expected [N, {config.hidden_size}]")
+    return emb
+
+
 def prefix_key_values(config, adapters):
     """(keys, values), each [L, N, G, K], of the tree's prefix_tuning, in either form."""
     a = (adapters or {}).get("prefix_tuning")
@@ -174,33 +182,6 @@ def fold_prefix_projection(config, adapters):
     return {**adapters, "prefix_tuning": {"key": k, "value": v}}
 
 
-def layer_prefixes(config, params, adapters, dtype):
-    """(keys, values) [L, N, G, K] in `dtype` that every real token attends to in front of its own keys, or None
-    without a prompt or prefix. For prompt tuning they are the virtual tokens' keys and values, computed by running
-    the N embeddings through the model at positions 0..N-1 (with the tree's other adapters, e.g. LoRA, but no
-    dropout)."""
-    kind = adapter_kind(adapters)
-    if kind is None:
-        return None
-    if kind == "prefix_tuning":
-        k, v = prefix_key_values(config, adapters)
-        return k.astype(dtype), v.astype(dtype)
-    from fa_jax.models import transformer
-
-    emb = adapters["prompt_tuning"]["embedding"]
-    if emb.ndim != 2 or emb.shape[1] != config.hidden_size:
-        raise FaJaxError(f"prompt_tuning: embedding has shape {list(emb.shape)}, expected [N, {config.hidden_size}]")
-    n = emb.shape[0]
-    # the virtual tokens are ids 0..N-1 of their own embedding table (as in PEFT), used unscaled
-    virtual = {**params, "model": {**params["model"], "embed_tokens": {"embedding": emb}}}
-    cache = transformer.init_cache(config, 1, n, dtype)
-    _, cache = transformer.hidden_states_with_cache(config.replace(embed_scale=False), virtual,
-                                                    jnp.arange(n)[None], cache, 0, jnp.arange(n)[None], None,
-                                                    adapters, dtype=dtype)
-    layers = [cache["layers"][str(i)] for i in range(config.num_hidden_layers)]
-    return jnp.stack([c["k"][0] for c in layers]), jnp.stack([c["v"][0] for c in layers])
-
-
 def prefix_mask(positions, n: int, window: int):
     """Which of the N prefix slots (positions 0..N-1) queries at shifted `positions` [B, T] see: None (all of
     them) without a sliding window, else boolean [B, T, N]."""
@@ -209,19 +190,5 @@ def prefix_mask(positions, n: int, window: int):
     return positions[:, :, None] - jnp.arange(n)[None, None, :] < window
 
 
-def fill_cache(config, params, adapters, cache, dtype):
-    """The cache (`transformer.init_cache`, at least N slots) with the prefix in slots [0, N) of every row and
-    layer, valid, at positions 0..N-1. The prompt's tokens then go into the slots from N on, at positions from N on."""
-    keys, values = layer_prefixes(config, params, adapters, dtype)
-    n = keys.shape[1]
-    B = cache["valid"].shape[0]
-    put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, jnp.broadcast_to(x, (B,) + x.shape).astype(c.dtype),
-                                                           0, axis=1)
-    new_layers = {str(i): {"k": put(c["k"], keys[i]), "v": put(c["v"], values[i])}
-                  for i, c in enumerate(cache["layers"][str(i)] for i in range(config.num_hidden_layers))}
-    return {"layers": new_layers, "positions": put(cache["positions"], jnp.arange(n, dtype=jnp.int32)),
-            "valid": put(cache["valid"], jnp.ones(n, bool))}
-
-
 __all__ = ["init_prompt_tuning", "init_prefix_tuning", "prefix_key_values", "fold_prefix_projection",
-           "adapter_kind", "num_virtual_tokens", "layer_prefixes", "fill_cache", "prefix_mask"]
+           "adapter_kind", "num_virtual_tokens", "prefix_mask"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,11 +19,12 @@ from tqdm.auto import tqdm
 
 from fa_jax import config as config_lib
 from fa_jax import lora as lora_lib
-from fa_jax import treemath
+from fa_jax import runs, treemath
 from fa_jax.errors import FaJaxError
 from fa_jax.io import hf, peft
 from fa_jax.io.atomic import atomic_dir
-from fa_jax.tree import flatten
+from fa_jax.models.spec import count_params, param_specs
+from fa_jax.tree import flatten, unflatten
 
 DELTA_META = "readapt.json"
 BLOCK_BYTES = 64 << 20  # float32 bytes of one row block: large tensors are processed a block at a time
@@ -140,12 +142,9 @@ def truncate(delta_dir: str, out_dir: str, *, tau: float | None = None, rank: in
                     lore_flat[f"{module}.{k}"] = np.asarray(v)
         report = {"modules": modules, "params": sum(m["params"] for m in modules.values()),
                   "dense_params": sum(m["dense_params"] for m in modules.values())}
-        from fa_jax.tree import unflatten
         lore = unflatten(lore_flat)
     if not list(lora_lib.iter_modules(lore)):
         raise FaJaxError(f"truncate: every matrix of {delta_dir} truncated to rank 0 (an all-zero delta?)")
-    from fa_jax.models.transformer import count_params
-
     tied_head = peft.HEAD if config.tie_word_embeddings else None  # PEFT saves a tied head twice: count it once
     kept = sum(int(np.prod(shape)) for n, shape, _ in saved + extra if n != tied_head)
     report.update(treemath.param_shares(report["params"], report["dense_params"], kept, count_params(config)))
@@ -210,8 +209,6 @@ def _base_reader(config, delta_dir: str):
 
 
 def _linear_specs(config):
-    from fa_jax.models.transformer import param_specs
-
     return [(p, s) for p, s in param_specs(config).items() if p.endswith(".kernel") and p != "lm_head.kernel"]
 
 
@@ -232,7 +229,7 @@ def _jsonable(report):
 def _plots(report, out_dir: str) -> list[str]:
     """Explained variance against rank for a few matrices (RE-Adapt Fig. 2) and parameter share against tau
     (Fig. 3), next to the adapter."""
-    import matplotlib
+    import matplotlib  # lazy: about a second to import, needed for the plots only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -282,16 +279,16 @@ def load_adapter(path: str, config, base_dir: str = "the base"):
     if _is_peft(path):
         peft.check_made_for(path, config, base_dir)
         return "lora", peft.load_peft(config, path, warn_non_matrix=False)  # merge applies the rest itself
-    if os.path.exists(os.path.join(path, "adapter_peft", peft.CONFIG)):  # a fa_jax pretrain run directory
-        run = os.path.join(path, "config.json")
-        keep = json.load(open(run)).get("model", {}).get("keep_layers") if os.path.exists(run) else None
+    exported = os.path.join(path, runs.EXPORT)
+    if _is_peft(exported):  # a fa_jax pretrain run directory, its adapter exported
+        keep = runs.keep_layers_of(path)
         if keep is not None:
             raise FaJaxError(f"adapter {path}: trained on a student with keep_layers={keep}; its layer numbers are "
                              "the student's, so it merges only into that student, not into this base")
-        peft.check_made_for(os.path.join(path, "adapter_peft"), config, base_dir)
-        return "lora", peft.load_peft(config, os.path.join(path, "adapter_peft"))
-    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, "config.json")):
-        return "lora", run_adapters(path, config)
+        peft.check_made_for(exported, config, base_dir)
+        return "lora", peft.load_peft(config, exported)
+    if os.path.isdir(os.path.join(path, runs.CHECKPOINTS)) and runs.is_run(path):  # a run not exported (yet)
+        return "lora", runs.run_adapters(path, config)
     if _is_delta(path) or os.path.exists(os.path.join(path, "config.json")):
         dcfg = config_lib.load_config(path)
         if dcfg != config:
@@ -322,44 +319,6 @@ def _non_matrix_of(path: str, config, base_names, reader) -> dict:
         if tuple(st.shape(key)) != tuple(reader.shape(n)):
             raise FaJaxError(f"adapter {where} has shape {list(st.shape(key))}, the base's is {list(reader.shape(n))}")
     return out
-
-
-def run_config_of(run_dir: str):
-    """The resolved config of a fa_jax pretrain or sft run directory (its config.json)."""
-    from fa_jax import run_config, sft, train
-
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        raise FaJaxError(f"{run_dir}: not a fa_jax run directory (no config.json)")
-    raw = json.load(open(path))
-    if not isinstance(raw, dict) or "run" not in raw or "model" not in raw:
-        raise FaJaxError(f"{run_dir}: not a fa_jax run directory (its config.json is not a run config)")
-    return run_config.merge(sft.sft_defaults() if "init" in raw else train.pretrain_defaults(), raw, path)
-
-
-def run_adapters(run_dir: str, config, allow_pruned: bool = False):
-    """The adapters of a fa_jax run's latest orbax checkpoint (for runs not finished or exported). `config` is
-    the model they were trained on; a run on a pruned student (keep_layers) is refused unless `allow_pruned`
-    (then `config` must be that student's)."""
-    import jax
-
-    from fa_jax import sharding, train
-    from fa_jax.checkpoint import Checkpointer
-
-    cfg = run_config_of(run_dir)
-    if cfg.model.keep_layers is not None and not allow_pruned:
-        raise FaJaxError(f"adapter {run_dir}: trained on a student with keep_layers={cfg.model.keep_layers}; its "
-                         "layer numbers are the student's, so it merges only into that student, not into this base")
-    mesh = sharding.make_mesh([1, 1, 1])
-    abstract = jax.eval_shape(lambda: train.init_state(cfg, config, mesh, sharding.DEFAULT_RULES)[0])
-    rep = sharding.replicated(mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), clean=False)  # (a reader: the run may be going on)
-    if ckpt.latest_step() is None:
-        raise FaJaxError(f"adapter {run_dir}: the run has no checkpoint yet")
-    _, state, _ = ckpt.restore(abstract, set_aside=False)
-    ckpt.close()
-    return jax.device_get(state["adapters"])
 
 
 def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dtype=None, max_shard_size="5GB",
@@ -462,8 +421,6 @@ def tuned_of(adapters) -> str | None:
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:
-    import shutil
-
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))  # the umask's mode, not the source's

@@ -2,8 +2,9 @@
 
     fa-jax pretrain --config configs/pretrain_smollm2.py optim.lr=1e-4 run.steps=200
 
-A config file starts from the command's defaults and changes what it needs; a key that is not in the defaults is an
-error (in the file or on the command line), so a typo never silently does nothing.
+A config file starts from the command's defaults (`pretrain_defaults`, `sft_defaults`, here at the bottom, where
+the training loop, the config checks and ahead-of-time compilation all read them) and changes what it needs; a key
+that is not in the defaults is an error (in the file or on the command line), so a typo never silently does nothing.
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import json
 import os
 import types
 
+from fa_jax import adapters as adapters_lib
 from fa_jax.errors import FaJaxError
+
+INIT_KINDS = ("random", "foundation", "peft")  # sft's init: random, foundation:RUN_DIR or peft:ADAPTER_DIR
 
 
 class Config(dict):
@@ -155,3 +159,73 @@ def load(path: str | None, defaults: dict, overrides=(), settings: dict | None =
 def dump(config: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True, default=str)
+
+
+# ------------------------------------------------------------------------------------------- the defaults
+
+
+def pretrain_defaults() -> dict:
+    """Every key a pretrain config may set, with its default (the seed's setting where it gives one)."""
+    return {
+        "model": {
+            "teacher": "embedded:smollm2-135m-instruct",  # HF directory, .gguf file or embedded:NAME
+            "student": None,  # None: the teacher's weights (made smaller with keep_layers)
+            "keep_layers": None,  # None | "every_other" | [layer indices] of the student
+            "dtype": "float32",  # storage dtype of both models' frozen weights
+            "compute_dtype": None,  # e.g. "bfloat16"; None = the storage dtype
+            # recompute the student's layers in the backward pass: None/"none" (keep all activations), "full" (recompute
+            # everything: least memory), "dots" (keep the projections' outputs), "all_dots" (keep every matmul's),
+            # "mlp" (keep gate/up projections), "mlp_qkv" (and q/k/v); see transformer.REMAT_POLICIES; "auto": the
+            # fastest of them whose compiled step fits the device memory or run.memory_budget (train.AUTO_REMAT_ORDER)
+            "remat": None,
+            # attention kernel: "auto" (splash on TPU, cudnn on GPU where supported, else xla), "xla", "splash" or
+            # "cudnn"; see models/attention_kernels.py
+            "attention": "auto",
+            # run the decoder layers under nn.scan with their weights stacked (one layer body in the compiled
+            # program: faster compiles, smaller programs for deep models); files keep per-layer names
+            "scan_layers": False,
+        },
+        "adapter": adapters_lib.adapter_defaults(),  # kind: lora | dora | bottleneck | prompt_tuning | ...
+        "loss": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5, "chunk_size": 128},
+        "data": {"train": None, "text_split": "paragraph", "text_field": "text", "seq_len": 256,
+                 "batch_size": 4,  # global rows per step, over all processes
+                 "seed": 0, "on_error": "skip", "streaming": False, "add_bos": True, "add_eos": True},
+        "optim": {"lr": 2e-4, "schedule": "cosine", "warmup_steps": 10, "end_lr_fraction": 0.0, "weight_decay": 0.0,
+                  "b1": 0.9, "b2": 0.999, "clip_norm": 1.0, "grad_accum": 1, "skip_nonfinite": True},
+        "mesh": {"shape": [-1, 1, 1], "rules": None},  # (data, fsdp, tensor); rules: [[logical, mesh axes], ...]
+        "run": {"steps": 100, "out_dir": "runs/pretrain", "seed": 0, "log_every": 10, "save_every": 100,
+                "keep_checkpoints": 3, "async_checkpoint": True, "resume": True, "tensorboard": True,
+                "export_peft": True, "peak_flops": None,
+                "memory_budget": None,  # bytes per device for model.remat=auto (e.g. "12GiB"); None: the device's
+                "stop_after": None,  # stop (with a checkpoint) after this many steps of this run; resume later
+                # resume although optimisation settings differ from the run's (more steps, another lr schedule, loss
+                # weights; see fa_jax/rundir.py); structural changes are refused regardless
+                "force_resume": False},
+    }
+
+
+def sft_defaults() -> dict:
+    """Every key an sft config may set, with its default."""
+    d = copy.deepcopy(pretrain_defaults())
+    d["init"] = "random"  # "random" | "foundation:RUN_DIR" (a fa_jax pretrain run) | "peft:ADAPTER_DIR"
+    d["model"].update({"student": "embedded:smollm2-135m-instruct", "teacher": None})
+    d["loss"].update({"alpha": 0.0})
+    d["data"] = {"train": None, "seq_len": 256, "batch_size": 8, "seed": 0, "pack": False, "chat_template": True,
+                 "prompt_field": None, "response_field": None, "on_error": "fail", "max_examples": None}
+    d["run"].update({"out_dir": "runs/sft", "steps": 100})
+    return d
+
+
+def defaults(kind: str) -> dict:
+    """The defaults of `fa-jax pretrain` (kind "pretrain") or `fa-jax sft` ("sft")."""
+    if kind not in ("pretrain", "sft"):
+        raise ValueError(f"kind={kind!r}; expected 'pretrain' or 'sft'")
+    return pretrain_defaults() if kind == "pretrain" else sft_defaults()
+
+
+def parse_init(init: str) -> tuple[str, str | None]:
+    """sft's init as (kind, path): ("random", None), ("foundation", RUN_DIR) or ("peft", ADAPTER_DIR)."""
+    kind, _, path = str(init).partition(":")
+    if kind not in INIT_KINDS or (kind == "random") != (not path):
+        raise FaJaxError(f"init={init!r}: expected random, foundation:RUN_DIR or peft:ADAPTER_DIR")
+    return kind, path or None

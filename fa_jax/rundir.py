@@ -2,7 +2,8 @@
 
 A run directory holds
     run.json        what defines the run: its settings, and fingerprints of the models, tokenizer and data files
-    config.json     the resolved config (read by `fa-jax export`, `sft init=foundation:RUN`, `merge`)
+    config.json     the resolved config (read through fa_jax.runs by `fa-jax export`, `sft init=foundation:RUN`,
+                    `merge`)
     run.lock        while a process trains into it: {"host", "pid", "started"}
     checkpoints/    orbax checkpoints, data positions and integrity manifests (fa_jax.checkpoint)
     metrics.jsonl, loss_curve.png, tensorboard/, summary.json, adapter_peft/
@@ -28,10 +29,11 @@ import socket
 import sys
 import time
 
+from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
 from fa_jax.io.atomic import write_text
+from fa_jax.runs import RUN_JSON, finished_summary, has_checkpoint, read_identity  # noqa: F401  (reading: runs.py)
 
-RUN_JSON = "run.json"
 LOCK = "run.lock"
 FORMAT = 1
 
@@ -39,6 +41,7 @@ FORMAT = 1
 FREE_KEYS = ("run.out_dir", "run.log_every", "run.save_every", "run.keep_checkpoints", "run.async_checkpoint",
              "run.tensorboard", "run.export_peft", "run.peak_flops", "run.memory_budget", "run.stop_after",
              "run.resume", "run.force_resume", "mesh.shape", "mesh.rules", "model.remat", "model.attention",
+             "model.scan_layers",
              "loss.chunk_size", "data.streaming",
              # models and data files may move: their fingerprints (models.*, data.*) decide
              "model.teacher", "model.student", "data.train")
@@ -110,8 +113,6 @@ def model_fingerprint(spec) -> dict | None:
     sizes; .gguf: the file), None for no model. Cheap: no weights are read for directories."""
     if spec in (None, ""):
         return None
-    from fa_jax.embedded import resolve_model_path
-
     path = resolve_model_path(spec)
     if os.path.isfile(path):
         return {"format": "file", "bytes": os.path.getsize(path), "sha256": _file_digest(path)}
@@ -134,8 +135,6 @@ def tokenizer_fingerprint(spec) -> str | None:
     """Digest of a model's tokenizer files (a GGUF file carries its tokenizer: its fingerprint covers it)."""
     if spec in (None, ""):
         return None
-    from fa_jax.embedded import resolve_model_path
-
     path = resolve_model_path(spec)
     if not os.path.isdir(path):
         return "in the model file"
@@ -277,47 +276,6 @@ def release_lock(path: str | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------- run directory
-
-
-def read_identity(run_dir: str) -> dict | None:
-    """run.json of a run directory; for a directory written before run.json existed, its config.json as the
-    settings (then only the settings are compared); None for a new run."""
-    p = os.path.join(run_dir, RUN_JSON)
-    if os.path.exists(p):
-        try:
-            with open(p) as f:
-                return json.load(f)
-        except (OSError, ValueError) as e:
-            raise FaJaxError(f"{p}: unreadable run record ({e}); restore it or use another run.out_dir") from None
-    p = os.path.join(run_dir, "config.json")
-    if os.path.exists(p):
-        with contextlib.suppress(OSError, ValueError):
-            with open(p) as f:
-                return {"settings": json.load(f)}
-    return None
-
-
-def has_checkpoint(run_dir: str) -> bool:
-    d = os.path.join(run_dir, "checkpoints")
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
-
-
-def finished_summary(run_dir: str, steps: int) -> dict | None:
-    """summary.json of a run that reached `steps` (or more) with its final checkpoint; None otherwise."""
-    p = os.path.join(run_dir, "summary.json")
-    if not os.path.exists(p):
-        return None
-    try:
-        with open(p) as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        return None
-    d = os.path.join(run_dir, "checkpoints")
-    latest = max((int(n) for n in os.listdir(d) if n.isdigit()), default=None) if os.path.isdir(d) else None
-    step = summary.get("step")
-    if isinstance(step, int) and step >= steps and latest == step and summary.get("status", "finished") == "finished":
-        return summary
-    return None
 
 
 class RunDir:

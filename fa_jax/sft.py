@@ -20,33 +20,22 @@ ids (`data.pack = true`); an example longer than `data.seq_len + 1` tokens is cu
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import warnings
 
+import datasets
 import jax
 import numpy as np
 
-from fa_jax import run_config
+from fa_jax import lora, run_config, runs, train, validation
 from fa_jax import sharding as sh
+from fa_jax.adapters import load_adapter_dir
+from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
-
-INIT_KINDS = ("random", "foundation", "peft")
-
-
-def sft_defaults() -> dict:
-    """Every key an sft config may set, with its default."""
-    from fa_jax.train import pretrain_defaults
-
-    d = copy.deepcopy(pretrain_defaults())
-    d["init"] = "random"  # "random" | "foundation:RUN_DIR" (a fa_jax pretrain run) | "peft:ADAPTER_DIR"
-    d["model"].update({"student": "embedded:smollm2-135m-instruct", "teacher": None})
-    d["loss"].update({"alpha": 0.0})
-    d["data"] = {"train": None, "seq_len": 256, "batch_size": 8, "seed": 0, "pack": False, "chat_template": True,
-                 "prompt_field": None, "response_field": None, "on_error": "fail", "max_examples": None}
-    d["run"].update({"out_dir": "runs/sft", "steps": 100})
-    return d
+from fa_jax.io.load import load_model, load_tokenizer
+from fa_jax.models import transformer
+from fa_jax.run_config import INIT_KINDS, parse_init, sft_defaults  # noqa: F401  (public here too: defined here)
 
 
 # ------------------------------------------------------------------------------------------------- records
@@ -62,15 +51,11 @@ def load_records(spec, *, max_examples=None) -> list:
     if isinstance(spec, list) and all(isinstance(r, dict) for r in spec):
         records = spec
     elif isinstance(spec, str) and os.path.isdir(spec):
-        import datasets
-
         ds = datasets.load_from_disk(spec)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else ds[list(ds)[0]]
         records = [dict(r) for r in ds]
     elif isinstance(spec, str) and spec.endswith(".parquet"):
-        import datasets
-
         records = [dict(r) for r in datasets.load_dataset("parquet", data_files=spec, split="train")]
     elif isinstance(spec, str):
         if not os.path.exists(spec):
@@ -260,39 +245,24 @@ class SFTBatches:
 # ------------------------------------------------------------------------------------------- initial adapter
 
 
-def parse_init(init: str) -> tuple[str, str | None]:
-    kind, _, path = str(init).partition(":")
-    if kind not in INIT_KINDS or (kind == "random") != (not path):
-        raise FaJaxError(f"init={init!r}: expected random, foundation:RUN_DIR or peft:ADAPTER_DIR")
-    return kind, path or None
-
-
 def load_initial_adapter(cfg, student_cfg):
     """The adapter tree `cfg.init` names (None for random), checked against cfg.adapter's targets and rank."""
-    from fa_jax import lora
-    from fa_jax.adapters import FA_JAX_CONFIG, load_adapter_dir
-    from fa_jax.io.peft import CONFIG
-
     kind, path = parse_init(cfg.init)
     if kind == "random":
         return None
     if not os.path.isdir(path):
         raise FaJaxError(f"init={cfg.init}: {path} is not a directory")
     if kind == "foundation":
-        run_cfg = os.path.join(path, "config.json")
-        if not os.path.exists(run_cfg):
-            raise FaJaxError(f"init={cfg.init}: {path} is not a fa_jax pre-training run (no config.json)")
-        keep = json.load(open(run_cfg)).get("model", {}).get("keep_layers")
+        if not runs.is_run(path):
+            raise FaJaxError(f"init={cfg.init}: {path} is not a fa_jax pre-training run (no {runs.CONFIG})")
+        keep = runs.keep_layers_of(path)
         if keep != cfg.model.keep_layers:
             raise FaJaxError(f"init={cfg.init}: the foundation adapter was trained on a student with "
                              f"keep_layers={keep}, this run uses model.keep_layers={cfg.model.keep_layers}")
-        peft_dir = os.path.join(path, "adapter_peft")
-        if any(os.path.exists(os.path.join(peft_dir, f)) for f in (CONFIG, FA_JAX_CONFIG)):
-            adapters = load_adapter_dir(student_cfg, peft_dir)
-        else:
-            from fa_jax.readapt import run_adapters
-
-            adapters = run_adapters(path, student_cfg)
+        exported = runs.exported_adapter(path)
+        # not exported yet: its newest checkpoint (on the same student: keep_layers was compared just above)
+        adapters = (load_adapter_dir(student_cfg, exported) if exported else
+                    runs.run_adapters(path, student_cfg, allow_pruned=True))
     else:
         adapters = load_adapter_dir(student_cfg, path)
     if cfg.adapter.kind not in ("lora", "dora"):
@@ -313,31 +283,26 @@ def load_initial_adapter(cfg, student_cfg):
 
 def load_student(cfg, mesh, rules):
     """(student_cfg, student, tokenizer, teacher_cfg, teacher); the teacher only when loss.alpha > 0."""
-    import fa_jax
-    from fa_jax.embedded import resolve_model_path
-    from fa_jax.models import transformer
-    from fa_jax.train import check_same_tokenizer, with_attention
-
     rule_set = sh.Rules(mesh, rules)
     path = resolve_model_path(cfg.model.student)
-    student_cfg, student = fa_jax.load_model(path, dtype=cfg.model.dtype, sharding=rule_set)
-    tokenizer = fa_jax.load_tokenizer(path)
+    student_cfg, student = load_model(path, dtype=cfg.model.dtype, sharding=rule_set)
+    tokenizer = load_tokenizer(path)
     teacher_cfg = teacher = None
     if float(cfg.loss.alpha) > 0:
         if cfg.model.teacher is None:
             raise FaJaxError(f"loss.alpha={cfg.loss.alpha} distills from a teacher, but model.teacher is not set")
         t_path = resolve_model_path(cfg.model.teacher)
-        teacher_cfg, teacher = fa_jax.load_model(t_path, dtype=cfg.model.dtype, sharding=rule_set)
-        check_same_tokenizer(fa_jax.load_tokenizer(t_path), tokenizer, t_path, path)
+        teacher_cfg, teacher = load_model(t_path, dtype=cfg.model.dtype, sharding=rule_set)
+        train.check_same_tokenizer(load_tokenizer(t_path), tokenizer, t_path, path)
     if cfg.model.keep_layers is not None:
         student_cfg, student = transformer.select_layers(student_cfg, student, cfg.model.keep_layers)
-    return with_attention(cfg, student_cfg), student, tokenizer, with_attention(cfg, teacher_cfg), teacher
+    teacher_cfg, student_cfg = train.with_attention(cfg, teacher_cfg), train.with_attention(cfg, student_cfg)
+    teacher, student = train.stack_models(cfg, mesh, rules, teacher_cfg, teacher, student_cfg, student)
+    return student_cfg, student, tokenizer, teacher_cfg, teacher
 
 
 def finetune(cfg, batches=None) -> dict:
     """Run (or resume) SFT as `cfg` says (see `sft_defaults`); returns the summary dict of `train.train_loop`."""
-    from fa_jax import train, validation
-
     cfg = run_config.wrap(cfg)
     validation.check_run_config(cfg, "sft", batches_given=batches is not None)
     parse_init(cfg.init)

@@ -1,8 +1,8 @@
 """The device mesh and the one table of logical-axis rules that shards student, adapters, teacher and batches.
 
-Every parameter carries logical axis names (`param_specs` in models/transformer.py: "embed", "heads", "kv_heads",
-"mlp", "vocab", "norm"); a rule maps a logical name to mesh axes. The mesh has the axes (data, fsdp, tensor):
-batches split over data x fsdp, weights over fsdp (ZeRO-3 style) and tensor (Megatron style).
+Every parameter carries logical axis names ("embed", "heads", "kv_heads", "mlp", "vocab", "norm": the table of
+models/spec.py, from which the Flax modules of models/modules.py declare their parameters); a rule maps a logical
+name to mesh axes. The mesh has the axes (data, fsdp, tensor): batches split over data x fsdp, weights over fsdp (ZeRO-3 style) and tensor (Megatron style).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fa_jax.errors import FaJaxError
+from fa_jax.models.spec import param_specs
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES = (
@@ -90,8 +91,6 @@ class Rules:
 
 def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     """{param path: NamedSharding}; pass it to `fa_jax.load_model(..., sharding=...)` or use as a jit sharding."""
-    from fa_jax.models.transformer import param_specs
-
     return {path: NamedSharding(mesh, spec_for(shape, axes, mesh, rules))
             for path, (shape, axes) in param_specs(config).items()}
 
@@ -103,8 +102,6 @@ def tree_shardings(config, tree, mesh: Mesh, rules=DEFAULT_RULES):
     LoRA `lora_A` [in, r] follows the kernel's input axis, `lora_B` [r, out] its output axis; anything else at a
     module path without a rule (scalars, vectors of adapters) is replicated.
     """
-    from fa_jax.models.transformer import param_specs
-
     specs = param_specs(config)
 
     def one(path, leaf):
@@ -114,17 +111,24 @@ def tree_shardings(config, tree, mesh: Mesh, rules=DEFAULT_RULES):
             if root in keys:
                 keys = keys[keys.index(root):]
                 break
-        dotted = ".".join(keys)
         shape = getattr(leaf, "shape", ())
+        if len(keys) > 2 and keys[:2] == ["model", "layers"] and not keys[2].isdigit() and shape:
+            # stacked layers (transformer.stack_layers): the leading layer axis stays whole, the rest as layer 0's
+            inner = one_keys(["model", "layers", "0"] + keys[2:], shape[1:])
+            return NamedSharding(mesh, P(None, *inner))
+        return NamedSharding(mesh, P(*one_keys(keys, shape)))  # P() for a scalar or an unmatched leaf
+
+    def one_keys(keys, shape):
+        dotted = ".".join(keys)
         if dotted in specs:
-            return NamedSharding(mesh, spec_for(shape, specs[dotted][1], mesh, rules))
+            return tuple(spec_for(shape, specs[dotted][1], mesh, rules))
         kernel = ".".join(keys[:-1]) + ".kernel"
         if kernel in specs and len(shape) == 2:
             in_axis, out_axis = specs[kernel][1]
             axes = {"lora_A": (in_axis, "rank"), "lora_B": ("rank", out_axis)}.get(keys[-1])
             if axes:
-                return NamedSharding(mesh, spec_for(shape, axes, mesh, rules))
-        return NamedSharding(mesh, P())
+                return tuple(spec_for(shape, axes, mesh, rules))
+        return ()
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

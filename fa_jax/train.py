@@ -20,51 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.experimental import multihost_utils
+
 from fa_jax import adapters as adapters_lib
-from fa_jax import losses, lora, optim, run_config
+from fa_jax import data as data_lib
+from fa_jax import losses, lora, optim, rundir, run_config, runs, validation
 from fa_jax import sharding as sh
 from fa_jax.checkpoint import Checkpointer, abstract_like
 from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
+from fa_jax.io.atomic import write_text
+from fa_jax.io.load import load_model, load_tokenizer
+from fa_jax.memory import gib, memory_budget, memory_of
 from fa_jax.metrics import MetricsLogger, kd_step_flops, peak_flops_per_device
-from fa_jax.models import transformer
-
-
-def pretrain_defaults() -> dict:
-    """Every key a pretrain config may set, with its default (the seed's setting where it gives one)."""
-    return {
-        "model": {
-            "teacher": "embedded:smollm2-135m-instruct",  # HF directory, .gguf file or embedded:NAME
-            "student": None,  # None: the teacher's weights (made smaller with keep_layers)
-            "keep_layers": None,  # None | "every_other" | [layer indices] of the student
-            "dtype": "float32",  # storage dtype of both models' frozen weights
-            "compute_dtype": None,  # e.g. "bfloat16"; None = the storage dtype
-            # recompute the student's layers in the backward pass: None/"none" (keep all activations), "full" (recompute
-            # everything: least memory), "dots" (keep the projections' outputs), "all_dots" (keep every matmul's),
-            # "mlp" (keep gate/up projections), "mlp_qkv" (and q/k/v); see transformer.REMAT_POLICIES; "auto": the
-            # fastest of them whose compiled step fits the device memory or run.memory_budget (AUTO_REMAT_ORDER)
-            "remat": None,
-            # attention kernel: "auto" (splash on TPU, cudnn on GPU where supported, else xla), "xla", "splash" or
-            # "cudnn"; see models/attention_kernels.py
-            "attention": "auto",
-        },
-        "adapter": adapters_lib.adapter_defaults(),  # kind: lora | dora | bottleneck | prompt_tuning | ...
-        "loss": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5, "chunk_size": 128},
-        "data": {"train": None, "text_split": "paragraph", "text_field": "text", "seq_len": 256,
-                 "batch_size": 4,  # global rows per step, over all processes
-                 "seed": 0, "on_error": "skip", "streaming": False, "add_bos": True, "add_eos": True},
-        "optim": {"lr": 2e-4, "schedule": "cosine", "warmup_steps": 10, "end_lr_fraction": 0.0, "weight_decay": 0.0,
-                  "b1": 0.9, "b2": 0.999, "clip_norm": 1.0, "grad_accum": 1, "skip_nonfinite": True},
-        "mesh": {"shape": [-1, 1, 1], "rules": None},  # (data, fsdp, tensor); rules: [[logical, mesh axes], ...]
-        "run": {"steps": 100, "out_dir": "runs/pretrain", "seed": 0, "log_every": 10, "save_every": 100,
-                "keep_checkpoints": 3, "async_checkpoint": True, "resume": True, "tensorboard": True,
-                "export_peft": True, "peak_flops": None,
-                "memory_budget": None,  # bytes per device for model.remat=auto (e.g. "12GiB"); None: the device's
-                "stop_after": None,  # stop (with a checkpoint) after this many steps of this run; resume later
-                # resume although optimisation settings differ from the run's (more steps, another lr schedule, loss
-                # weights; see fa_jax/rundir.py); structural changes are refused regardless
-                "force_resume": False},
-    }
+from fa_jax.models import attention_kernels, transformer
+from fa_jax.run_config import pretrain_defaults  # noqa: F401  (public here too: it was defined here)
 
 
 # ----------------------------------------------------------------------------------------------- the step
@@ -93,7 +63,7 @@ def make_loss_fn(student_cfg, teacher_cfg, loss_cfg, compute_dtype=None, dropout
 
 
 def make_train_step(loss_fn, optimizer, schedule, grad_accum: int = 1, batch_sharding=None):
-    """step(state, student, teacher, batch) -> (state, metrics). state = {step, adapters, opt_state, rng}.
+    """train_step(state, student, teacher, batch) -> (state, metrics). state = {step, adapters, opt_state, rng}.
 
     With grad_accum > 1 the global batch is split into micro-batches (row i goes to micro-batch i % grad_accum, so
     each device keeps its own rows); gradients and metrics are summed with the global token count as normalizer,
@@ -101,7 +71,7 @@ def make_train_step(loss_fn, optimizer, schedule, grad_accum: int = 1, batch_sha
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state, student, teacher, batch):
+    def train_step(state, student, teacher, batch):  # the name JAX reports its traces under (tests count them)
         normalizer = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
         rng = jax.random.fold_in(state["rng"], state["step"])
         adapters = state["adapters"]
@@ -135,7 +105,7 @@ def make_train_step(loss_fn, optimizer, schedule, grad_accum: int = 1, batch_sha
             metrics["skipped_updates"] = skipped.astype(jnp.float32)
         return {"step": state["step"] + 1, "adapters": new_adapters, "opt_state": opt_state, "rng": state["rng"]}, metrics
 
-    return step
+    return train_step
 
 
 def remat_setting(cfg):
@@ -167,20 +137,18 @@ def choose_step(cfg, build, args, budget: float):
     """(jitted or compiled step, remat) for the run: `build(remat)` makes the jitted step; with model.remat=auto
     each candidate is compiled for `args` (arrays or abstract values) and the first whose memory analysis fits
     `budget` bytes per device is returned compiled. None fitting is a FaJaxError naming the leanest's size."""
-    from fa_jax import aot
-
     candidates = remat_candidates(cfg)
     if len(candidates) == 1:
         return build(candidates[0]), candidates[0]
     tried = []
     for remat in candidates:
         compiled = build(remat).lower(*args).compile()
-        total = aot.memory_of(compiled).get("total_bytes", 0)
-        tried.append(f"{remat or 'none'} {aot.gib(total)}")
+        total = memory_of(compiled).get("total_bytes", 0)
+        tried.append(f"{remat or 'none'} {gib(total)}")
         if total <= budget:
-            print(f"model.remat=auto: {remat or 'none'} ({aot.gib(total)} per device; budget {aot.gib(budget)})")
+            print(f"model.remat=auto: {remat or 'none'} ({gib(total)} per device; budget {gib(budget)})")
             return compiled, remat
-    raise FaJaxError(f"model.remat=auto: no remat policy fits {aot.gib(budget)} per device (compiled: "
+    raise FaJaxError(f"model.remat=auto: no remat policy fits {gib(budget)} per device (compiled: "
                      f"{', '.join(tried)}); lower data.batch_size (with optim.grad_accum), add fsdp, or raise "
                      "run.memory_budget")
 
@@ -209,31 +177,52 @@ def jit_train_step(step, state, student, teacher, mesh, rules):
 
 def load_models(cfg, mesh, rules):
     """(teacher_cfg, teacher, student_cfg, student, tokenizer), each model sharded by the rule table as it loads."""
-    import fa_jax
-
     rule_set = sh.Rules(mesh, rules)
     teacher_path = resolve_model_path(cfg.model.teacher)
-    teacher_cfg, teacher = fa_jax.load_model(teacher_path, dtype=cfg.model.dtype, sharding=rule_set)
-    tokenizer = fa_jax.load_tokenizer(teacher_path)
+    teacher_cfg, teacher = load_model(teacher_path, dtype=cfg.model.dtype, sharding=rule_set)
+    tokenizer = load_tokenizer(teacher_path)
     if cfg.model.student in (None, cfg.model.teacher):
         student_cfg, student = teacher_cfg, teacher  # the same arrays, not a copy
     else:
         student_path = resolve_model_path(cfg.model.student)
-        student_cfg, student = fa_jax.load_model(student_path, dtype=cfg.model.dtype, sharding=rule_set)
-        check_same_tokenizer(tokenizer, fa_jax.load_tokenizer(student_path), teacher_path, student_path)
+        student_cfg, student = load_model(student_path, dtype=cfg.model.dtype, sharding=rule_set)
+        check_same_tokenizer(tokenizer, load_tokenizer(student_path), teacher_path, student_path)
     if cfg.model.keep_layers is not None:
         student_cfg, student = transformer.select_layers(student_cfg, student, cfg.model.keep_layers)
-    return with_attention(cfg, teacher_cfg), teacher, with_attention(cfg, student_cfg), student, tokenizer
+    teacher_cfg, student_cfg = with_attention(cfg, teacher_cfg), with_attention(cfg, student_cfg)
+    teacher, student = stack_models(cfg, mesh, rules, teacher_cfg, teacher, student_cfg, student)
+    return teacher_cfg, teacher, student_cfg, student, tokenizer
 
 
 def with_attention(cfg, model_cfg):
-    """`model_cfg` computing attention as the run's `model.attention` says (models/attention_kernels.py); None
-    stays None."""
-    from fa_jax.models import attention_kernels
-
+    """`model_cfg` computing attention as the run's `model.attention` says (models/attention_kernels.py), its layers
+    scanned if `model.scan_layers`; None stays None."""
     if model_cfg is None:
         return None
-    return model_cfg.replace(attention_impl=attention_kernels.check_impl(cfg.model.get("attention", "auto")))
+    return model_cfg.replace(attention_impl=attention_kernels.check_impl(cfg.model.get("attention", "auto")),
+                             scan_layers=bool(cfg.model.get("scan_layers", False)))
+
+
+def stack_models(cfg, mesh, rules, teacher_cfg, teacher, student_cfg, student):
+    """(teacher, student) with their layers stacked for `model.scan_layers` (each config from `with_attention`),
+    laid out by the rule table; unchanged without it. The per-layer arrays are donated, except those the other
+    model shares (a student made from the teacher's layers): loading peaks at twice the models' weights, once."""
+    if not cfg.model.get("scan_layers"):
+        return teacher, student
+
+    def stack(config, params, donate):
+        shapes = jax.eval_shape(lambda p: transformer.stack_layers(config, p), params)
+        fn = jax.jit(lambda p: transformer.stack_layers(config, p),
+                     out_shardings=sh.tree_shardings(config, shapes, mesh, rules), donate_argnums=(0,) if donate else ())
+        return fn(params)
+
+    if student is teacher:
+        stacked = stack(teacher_cfg, teacher, True)
+        return stacked, stacked
+    first = None if student is None else jax.tree.leaves(student)[0]
+    shared = teacher is not None and any(first is a for a in jax.tree.leaves(teacher))
+    teacher = None if teacher is None else stack(teacher_cfg, teacher, not shared)
+    return teacher, None if student is None else stack(student_cfg, student, True)
 
 
 def check_same_tokenizer(t_tok, s_tok, t_path, s_path):
@@ -259,7 +248,8 @@ def init_state(cfg, student_cfg, mesh, rules, adapters=None, student=None):
     params = None  # only DoRA's init reads the base weights (abstract shapes will do under eval_shape)
     if kind == "dora":
         params = transformer.abstract_params(student_cfg, jnp.dtype(cfg.model.dtype)) if student is None else student
-    init = functools.partial(adapters_lib.init_adapter, student_cfg, a=dict(a))
+    per_layer = functools.partial(transformer.unstack_layers, student_cfg)  # (stacked under model.scan_layers)
+    init = lambda r, params: adapters_lib.init_adapter(student_cfg, r, dict(a), params=per_layer(params))
     shapes = jax.eval_shape(lambda r, p: init(r, params=p), rng, params)
     adapter_sh = sh.tree_shardings(student_cfg, shapes, mesh, rules)
     if adapters is None:
@@ -268,7 +258,8 @@ def init_state(cfg, student_cfg, mesh, rules, adapters=None, student=None):
         adapters = jax.jit(lambda r, p: init(r, params=p), out_shardings=adapter_sh)(rng, params)
     else:
         if kind == "dora" and not any("magnitude" in m for _, m in lora.iter_modules(adapters)):
-            adapters = lora.init_magnitude(adapters, student)  # a LoRA start: DoRA with the same output
+            # a LoRA start: DoRA with the same output
+            adapters = jax.jit(lambda ad, p: lora.init_magnitude(ad, per_layer(p)))(adapters, student)
         if jax.tree.structure(adapters) != jax.tree.structure(shapes):
             raise FaJaxError(f"the starting adapter does not have the layout of adapter.kind={kind!r} with this "
                              "config's settings (different modules or leaves)")
@@ -355,8 +346,6 @@ class RowStreams:
 
     def __init__(self, documents, tokenizer, *, seq_len: int, global_rows: int, seed: int, name: str = "data.train",
                  **kw):
-        from fa_jax.data import PackedBatches
-
         P, p = jax.process_count(), jax.process_index()
         local = global_rows // P
         try:
@@ -366,7 +355,7 @@ class RowStreams:
         if n is not None and n < global_rows:
             raise FaJaxError(f"{name}: {n} document(s) for {global_rows} batch rows (data.batch_size); each row "
                              "reads its own documents, so give at least data.batch_size documents")
-        self.streams = [PackedBatches(documents, tokenizer, seq_len=seq_len, batch_size=1, seed=seed,
+        self.streams = [data_lib.PackedBatches(documents, tokenizer, seq_len=seq_len, batch_size=1, seed=seed,
                                       process_index=r, process_count=global_rows, **kw)
                         for r in range(p * local, (p + 1) * local)]
 
@@ -432,9 +421,6 @@ def pretrain(cfg, batches=None) -> dict:
     summary["status"]: "finished", "stopped" (run.stop_after) or "interrupted" (SIGTERM / SIGINT, checkpoint
     saved); a run directory that already finished is left as it is and its summary returned.
     """
-    from fa_jax import data as data_lib
-    from fa_jax import validation
-
     cfg = run_config.wrap(cfg)
     validation.check_run_config(cfg, "pretrain", batches_given=batches is not None)
     mesh = sh.make_mesh(cfg.mesh.shape)
@@ -461,8 +447,6 @@ def open_run(cfg, kind: str, batches_given: bool):
     """The run directory as a context manager (fa_jax.rundir.RunDir): identity check against an existing run
     before anything changes, the lock (process 0), config.json and run.json; what a run that fails before its
     first checkpoint wrote is removed again. A finished run's `.finished` is its summary (with a message)."""
-    from fa_jax import rundir
-
     run = rundir.RunDir(cfg, kind, batches_given=batches_given, main=jax.process_index() == 0)
 
     class _Ctx:
@@ -483,12 +467,10 @@ def open_run(cfg, kind: str, batches_given: bool):
 def prepare_out_dir(cfg) -> str:
     """Create run.out_dir and write config.json (for callers that manage the directory themselves; `pretrain`
     and `finetune` go through `open_run`)."""
-    from fa_jax.io.atomic import write_text
-
     out_dir = os.path.abspath(cfg.run.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if jax.process_index() == 0:
-        write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        write_text(os.path.join(out_dir, runs.CONFIG), json.dumps(cfg, indent=2, sort_keys=True, default=str))
     return out_dir
 
 
@@ -508,29 +490,22 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
     state, optimizer, schedule = init_state(cfg, student_cfg, mesh, rules, adapters, student)
 
     batch_sh = sh.batch_sharding(mesh, rules)
-    traces = []
 
     def build(remat):
         loss_fn = make_loss_fn(student_cfg, teacher_cfg, cfg.loss, cfg.model.compute_dtype,
                                float(cfg.adapter.dropout), remat)
-
-        def counted(*args):
-            traces.append(1)  # runs at trace time only: the count of compilations
-            return make_train_step(loss_fn, optimizer, schedule, int(cfg.optim.grad_accum), batch_sh)(*args)
-
-        return jit_train_step(counted, state, student, teacher, mesh, rules)
+        step = make_train_step(loss_fn, optimizer, schedule, int(cfg.optim.grad_accum), batch_sh)
+        return jit_train_step(step, state, student, teacher, mesh, rules)
 
     shape = (int(cfg.data.batch_size), int(cfg.data.seq_len))
     batch_shapes = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
                     for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
     budget = None
     if cfg.model.remat == "auto":
-        from fa_jax import aot
-
-        budget = aot.memory_budget(cfg, device=mesh.devices.flat[0])
+        budget = memory_budget(cfg, device=mesh.devices.flat[0])
     step_fn, remat = choose_step(cfg, build, (state, student, teacher, batch_shapes), budget)
 
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=int(cfg.run.keep_checkpoints),
+    ckpt = Checkpointer(os.path.join(out_dir, runs.CHECKPOINTS), keep=int(cfg.run.keep_checkpoints),
                         async_save=bool(cfg.run.async_checkpoint))
     start = 0
     if cfg.run.resume and ckpt.latest_step() is not None:
@@ -590,16 +565,13 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
     plot = logger.close()
     status = "finished" if step >= steps else "interrupted" if stop.requested else "stopped"
     summary = {"step": step, "steps": steps, "status": status, "out_dir": out_dir, "metrics": last,
-               "compilations": len(traces),
                "remat": remat or "none",
                "checkpoints": ckpt.directory, "loss_curve": plot}
     if step >= steps and cfg.run.export_peft:
-        summary["peft_adapter"] = export_peft(student_cfg, state["adapters"], os.path.join(out_dir, "adapter_peft"),
+        summary["peft_adapter"] = export_peft(student_cfg, state["adapters"], os.path.join(out_dir, runs.EXPORT),
                                               cfg)
     if jax.process_index() == 0:
-        from fa_jax.io.atomic import write_text
-
-        write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2, default=str) + "\n")
+        write_text(os.path.join(out_dir, runs.SUMMARY), json.dumps(summary, indent=2, default=str) + "\n")
     summary["adapters"] = state["adapters"]
     return summary
 
@@ -607,8 +579,6 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
 def export_peft(student_cfg, adapters, out_dir, cfg) -> str:
     """The adapters as a PEFT directory (bottleneck adapters, which PEFT has no format for: fa_jax's own, see
     `adapters.save_adapter`), gathered to the host and written by process 0."""
-    from jax.experimental import multihost_utils
-
     host = multihost_utils.process_allgather(adapters, tiled=True) if jax.process_count() > 1 else adapters
     if jax.process_index() == 0:
         adapters_lib.save_adapter(student_cfg, jax.device_get(host), out_dir, use_rslora=bool(cfg.adapter.use_rslora),

@@ -15,6 +15,8 @@ from the merged weights).
 """
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,8 +96,6 @@ def _factors(u, s, vt, k):
 
 def check_tau_rank(tau, rank, tau_label: str = "tau=", rank_label: str = "rank=", where: str = "truncate") -> None:
     """tau (when given) a number in (0, 1], rank (when given) an integer >= 1 (2.5 is an error, not rank 2)."""
-    import numbers
-
     if tau is not None:
         if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
             raise FaJaxError(f"{where}: {tau_label}{tau!r} is not a number (expected one in (0, 1])")
@@ -299,7 +299,7 @@ def subspace_similarity(A1, A2, i: int, j: int) -> float:
 
 def plot_subspace_similarity(A1, A2, path: str, labels=("A1", "A2"), title: str = "subspace similarity") -> str:
     """Heat map of subspace_similarity(A1, A2, i, j) over all i, j (as in the LoRA paper's rank study), as a PNG."""
-    import matplotlib
+    import matplotlib  # lazy: about a second to import, needed for the plots only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -321,7 +321,7 @@ def plot_subspace_similarity(A1, A2, path: str, labels=("A1", "A2"), title: str 
 
 def plot_explained_variance(report, path: str, modules=None, taus=(0.25, 0.5, 0.75, 0.9)) -> str:
     """Cumulative explained variance against rank for a few matrices (RE-Adapt Figure 2), as a PNG."""
-    import matplotlib
+    import matplotlib  # lazy: about a second to import, needed for the plots only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

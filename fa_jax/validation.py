@@ -4,8 +4,7 @@ line naming the key, the value and what is expected.
     validation.check_run_config(cfg, "pretrain")   # FaJaxError("loss.temperature=0: expected a number > 0")
 
 The allowed names of enumerations come from the modules that consume them (optim.SCHEDULES, losses.DIVERGENCES,
-data.TEXT_SPLITS, transformer.REMAT_POLICIES, attention_kernels.check_impl, adapters.check_kind, ...); this module
-only imports them when a config is checked, so the command line can use FLOAT_DTYPES without importing jax.
+data.TEXT_SPLITS, transformer.REMAT_POLICIES, attention_kernels.check_impl, adapters.check_kind, ...).
 """
 from __future__ import annotations
 
@@ -13,7 +12,17 @@ import math
 import numbers
 import os
 
+import jax.numpy as jnp
+import numpy as np
+
+from fa_jax import adapters as adapters_lib
+from fa_jax import data as data_lib
+from fa_jax import losses, optim, run_config, runs
+from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
+from fa_jax.memory import parse_bytes
+from fa_jax.models import attention_kernels, transformer
+from fa_jax.sharding import MESH_AXES
 
 # Storage / compute dtypes of model weights (model.dtype, model.compute_dtype, convert/merge --dtype).
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -25,11 +34,9 @@ MODEL_EXPECTED = "expected a Hugging Face model directory (with config.json), a 
 def check_run_config(cfg, kind: str, batches_given: bool = False) -> None:
     """Raise FaJaxError for the first bad value of `cfg` (kind: "pretrain" or "sft"). `batches_given`: the caller
     supplies its own batches, so data.train may be unset."""
-    from fa_jax import sft, train
-
     if kind not in ("pretrain", "sft"):
         raise ValueError(f"check_run_config: kind={kind!r}; expected 'pretrain' or 'sft'")
-    defaults = train.pretrain_defaults() if kind == "pretrain" else sft.sft_defaults()
+    defaults = run_config.defaults(kind)
     c = _Sections(cfg, defaults)
     _check_keys(cfg, defaults)
     _check_types(c, defaults)
@@ -153,9 +160,6 @@ def _dtype(key, v, optional=False):
     name = v
     if not isinstance(v, str):  # a numpy / jax dtype given from Python
         try:
-            import jax.numpy as jnp
-            import numpy as np
-
             name = np.dtype(jnp.dtype(v)).name
         except (TypeError, ValueError):
             name = None
@@ -168,8 +172,6 @@ def _dtype(key, v, optional=False):
 
 
 def _check_model(c, kind) -> None:
-    from fa_jax.models import attention_kernels, transformer
-
     _dtype("model.dtype", c.get("model.dtype"))
     _dtype("model.compute_dtype", c.get("model.compute_dtype"), optional=True)
     remat = c.get("model.remat")
@@ -187,8 +189,6 @@ def _check_model(c, kind) -> None:
 
 
 def _check_adapter(c) -> None:
-    from fa_jax import adapters as adapters_lib
-
     adapters_lib.check_kind(c.get("adapter.kind"))
     _integer("adapter.rank", c.get("adapter.rank"), 1)
     _number("adapter.alpha", c.get("adapter.alpha"), 0, low_open=True)
@@ -207,8 +207,6 @@ def _check_adapter(c) -> None:
 
 
 def _check_loss(c) -> None:
-    from fa_jax import losses
-
     _number("loss.alpha", c.get("loss.alpha"), 0, 1)
     _number("loss.temperature", c.get("loss.temperature"), 0, low_open=True)
     _choice("loss.divergence", c.get("loss.divergence"), losses.DIVERGENCES)
@@ -221,8 +219,6 @@ def _check_loss(c) -> None:
 
 
 def _check_optim(c) -> None:
-    from fa_jax import optim
-
     _number("optim.lr", c.get("optim.lr"), 0)
     _choice("optim.schedule", c.get("optim.schedule"), optim.SCHEDULES)
     _integer("optim.warmup_steps", c.get("optim.warmup_steps"), 0)
@@ -235,8 +231,6 @@ def _check_optim(c) -> None:
 
 
 def _check_data(c, kind, batches_given) -> None:
-    from fa_jax import data as data_lib
-
     _integer("data.batch_size", c.get("data.batch_size"), 1)
     _integer("data.seq_len", c.get("data.seq_len"), 1)
     _integer("data.seed", c.get("data.seed"), 0)
@@ -254,8 +248,6 @@ def _check_data(c, kind, batches_given) -> None:
 
 def _check_train_source(spec, kind) -> None:
     """data.train: set, of a type the loader takes, and its files there (globs matching, one format)."""
-    from fa_jax import data as data_lib
-
     if spec is None:
         raise FaJaxError("data.train is not set: give a text/JSONL/parquet file, a save_to_disk directory, or a list"
                          if kind == "pretrain" else
@@ -297,8 +289,6 @@ def _check_train_source(spec, kind) -> None:
 
 
 def _check_mesh(c) -> None:
-    from fa_jax.sharding import MESH_AXES
-
     shape = c.get("mesh.shape")
     values = list(shape.values()) if isinstance(shape, dict) else shape
     ok = isinstance(values, (list, tuple)) and all(_is_int(s) and (s >= 1 or s == -1) for s in values) and \
@@ -331,8 +321,6 @@ def _check_run(c) -> None:
     _number("run.peak_flops", c.get("run.peak_flops"), 0, low_open=True, optional=True)
     budget = c.get("run.memory_budget")
     if budget not in (None, ""):
-        from fa_jax.aot import parse_bytes
-
         parse_bytes(budget, "run.memory_budget")
     _check_out_dir("run.out_dir", c.get("run.out_dir"))
 
@@ -356,22 +344,18 @@ def _check_out_dir(key, value) -> None:
 
 def _check_init(init) -> None:
     """sft's init: random, foundation:RUN_DIR (a pretrain run) or peft:ADAPTER_DIR, the directory there."""
-    from fa_jax import sft
-    from fa_jax.adapters import FA_JAX_CONFIG
-
     if not isinstance(init, str):
         raise FaJaxError(f"init={init!r}: expected random, foundation:RUN_DIR or peft:ADAPTER_DIR")
-    kind, path = sft.parse_init(init)
+    kind, path = run_config.parse_init(init)
     if kind == "random":
         return
     if not os.path.isdir(path):
         raise FaJaxError(f"init={init}: {path} is not a directory")
-    if kind == "foundation" and not os.path.exists(os.path.join(path, "config.json")):
-        raise FaJaxError(f"init={init}: {path} is not a fa_jax pre-training run (no config.json)")
-    if kind == "peft" and not any(os.path.exists(os.path.join(path, f))
-                                  for f in ("adapter_config.json", FA_JAX_CONFIG)):
+    if kind == "foundation" and not runs.is_run(path):
+        raise FaJaxError(f"init={init}: {path} is not a fa_jax pre-training run (no {runs.CONFIG})")
+    if kind == "peft" and not runs.holds_adapter(path):
         raise FaJaxError(f"init={init}: {path} is neither a PEFT adapter (adapter_config.json) nor a fa_jax adapter "
-                         f"({FA_JAX_CONFIG})")
+                         f"({adapters_lib.FA_JAX_CONFIG})")
 
 
 def _check_model_paths(c, kind) -> None:
@@ -395,8 +379,6 @@ def _check_model_paths(c, kind) -> None:
 
 def _model_path(key, value) -> None:
     """An HF directory with config.json, a .gguf file or embedded:NAME (an installed one)."""
-    from fa_jax.embedded import resolve_model_path
-
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise FaJaxError(f"{key}={value!r}: {MODEL_EXPECTED}")
     value = os.fspath(value)

@@ -12,6 +12,9 @@ loss = 0.5 * forward KL (T = 1) + 0.5 * CE, AdamW on the adapters only. Variants
                  every other layer deleted; PEFT LoraConfig(r=8, lora_alpha=16, target_modules="all-linear");
                  teacher forward under no_grad; the loss on full [B, T, V] logits; torch.optim.AdamW on LoRA only.
   torch_compile  the same with `torch.compile` of the student forward + loss (teacher stays eager under no_grad).
+  fa_jax_scan    fa_jax with model.scan_layers=true (both models' layers under nn.scan, weights stacked).
+  fa_jax_baseline  fa_jax as of the git revision --baseline REV (its own copy of this script, from a detached git
+                 worktree): before/after figures of a change, measured in the same interleaved run.
 
 Each variant runs in its own subprocess; the variants are interleaved over --rounds rounds (the order rotates each
 round) because this machine's speed drifts. Per variant the first step (compilation) and --warmup more steps are
@@ -42,8 +45,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("fa_jax", "torch_eager", "torch_compile")
-LABELS = {"fa_jax": "fa_jax (jit)", "torch_eager": "torch eager", "torch_compile": "torch.compile"}
+VARIANTS = ("fa_jax", "fa_jax_scan", "fa_jax_baseline", "torch_eager", "torch_compile")
+DEFAULT_VARIANTS = ("fa_jax", "torch_eager", "torch_compile")
+LABELS = {"fa_jax": "fa_jax (jit)", "fa_jax_scan": "fa_jax scan", "fa_jax_baseline": "fa_jax baseline",
+          "torch_eager": "torch eager", "torch_compile": "torch.compile"}
 TUNABLES = "glibc.malloc.hugetlb=1"
 TEACHER = "embedded:smollm2-135m-instruct"
 ALPHA, TEMPERATURE, RANK, LORA_ALPHA, LR = 0.5, 1.0, 8, 16.0, 1e-3
@@ -170,7 +175,7 @@ def matmul_rate(m: int = 1024, k: int = 576, n: int = 1536, seconds: float = 1.5
 
 
 
-def bench_fa_jax(args) -> dict:
+def bench_fa_jax(args, scan: bool = False) -> dict:
     import jax
     import numpy as np
 
@@ -194,6 +199,8 @@ def bench_fa_jax(args) -> dict:
     }
     if args.chunk_size:
         overrides["loss"]["chunk_size"] = args.chunk_size
+    if scan:
+        overrides["model"]["scan_layers"] = True
     if args.remat != "config":
         remat = run_config.parse_value(args.remat)
         overrides["model"]["remat"] = {False: "none", True: "full"}.get(remat, remat)
@@ -339,8 +346,8 @@ def bench_torch(args, compiled: bool) -> dict:
 
 
 def worker(args) -> None:
-    if args.worker == "fa_jax":
-        result = bench_fa_jax(args)
+    if args.worker in ("fa_jax", "fa_jax_scan"):
+        result = bench_fa_jax(args, scan=args.worker == "fa_jax_scan")
     elif args.worker == "torch_eager":
         result = bench_torch(args, compiled=False)
     else:
@@ -375,12 +382,16 @@ def run_variant(args, variant: str, round_index: int) -> dict:
 
 
 def _run_once(args, variant: str, round_index: int) -> dict:
+    root, script, worker_variant = ROOT, os.path.abspath(__file__), variant
+    if variant == "fa_jax_baseline":  # the revision's own package and benchmark worker
+        root = args.baseline_dir
+        script, worker_variant = os.path.join(root, "scripts", "bench_kd_step.py"), "fa_jax"
     env = dict(os.environ, GLIBC_TUNABLES=TUNABLES, PYTHONPATH=os.pathsep.join(
-        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     fd, result = tempfile.mkstemp(prefix=f"bench_{variant}_", suffix=".json")
     os.close(fd)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--result", result,
+    cmd = [sys.executable, script, "--worker", worker_variant, "--result", result,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--seq", str(args.seq), "--seed", str(args.seed), "--chunk-size", str(args.chunk_size or 0),
            "--remat", args.remat]
@@ -435,6 +446,14 @@ def ratios(summary: dict) -> dict:
         out["steady_memory_vs_eager"] = j["peak_rss_steady_gib_max"] / e["peak_rss_steady_gib_max"]
     if j and "torch_compile" in summary:
         out["tokens_vs_compile"] = j["tokens_per_s_median"] / summary["torch_compile"]["tokens_per_s_median"]
+    for other, key in (("fa_jax_baseline", "vs_baseline"), ("fa_jax_scan", "scan_vs_unrolled")):
+        o = summary.get(other)
+        if j and o:
+            num, den = (o, j) if other == "fa_jax_scan" else (j, o)
+            out[f"tokens_{key}"] = num["tokens_per_s_median"] / den["tokens_per_s_median"]
+            out[f"memory_{key}"] = num["peak_rss_gib_max"] / den["peak_rss_gib_max"]
+            if "torch_eager" in summary:
+                out[f"{other}_tokens_vs_eager"] = o["tokens_per_s_median"] / summary["torch_eager"]["tokens_per_s_median"]
     return out
 
 
@@ -451,7 +470,10 @@ def main(argv=None) -> int:
                    help="fa_jax loss.chunk_size (0: the value of configs/pretrain_smollm2.py)")
     p.add_argument("--remat", default="config",
                    help="fa_jax model.remat (default: the value of configs/pretrain_smollm2.py, else the default)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated subset of " + ",".join(VARIANTS) + " (default: " + ",".join(DEFAULT_VARIANTS)
+                   + ")")
+    p.add_argument("--baseline", metavar="REV", help="git revision of the fa_jax_baseline variant (e.g. main~3)")
     p.add_argument("--wait-idle", type=float, default=600, metavar="S",
                    help="before each run wait up to S seconds until other processes use < 0.15 cores (0: never)")
     p.add_argument("--max-other-load", type=float, default=0.2, metavar="CORES",
@@ -468,6 +490,16 @@ def main(argv=None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants or args.steps < 1 or args.rounds < 1:
         p.error(f"--variants {args.variants!r} / --steps / --rounds: expected a subset of {VARIANTS} and counts >= 1")
+    if "fa_jax_baseline" in variants and not args.baseline:
+        p.error("the fa_jax_baseline variant needs --baseline REV")
+    args.baseline_dir = None
+    if "fa_jax_baseline" in variants:
+        args.baseline_dir = tempfile.mkdtemp(prefix="bench_baseline_")
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", args.baseline_dir, args.baseline],
+                       check=True, capture_output=True)
+        rev = subprocess.run(["git", "-C", args.baseline_dir, "rev-parse", "--short", "HEAD"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        print(f"baseline: {args.baseline} = {rev}, in {args.baseline_dir}")
 
     start, t_start = datetime.datetime.now().astimezone(), time.perf_counter()
     print(f"KD step benchmark  {start:%Y-%m-%d %H:%M %Z}  host {platform.node()}")
@@ -559,6 +591,16 @@ def main(argv=None) -> int:
               f"step takes at least {floor:.2f} s, i.e. at most {tokens / floor:.0f} tokens/s for any implementation"
               + (f" = {tokens / floor / summary['torch_eager']['tokens_per_s_median']:.2f}x torch eager"
                  if "torch_eager" in summary else ""))
+    for key, text in (("tokens_vs_baseline", "fa_jax / baseline tokens/s"),
+                      ("memory_vs_baseline", "fa_jax / baseline peak memory"),
+                      ("fa_jax_baseline_tokens_vs_eager", "baseline / torch eager tokens/s"),
+                      ("tokens_scan_vs_unrolled", "scan / unrolled tokens/s"),
+                      ("memory_scan_vs_unrolled", "scan / unrolled peak memory"),
+                      ("fa_jax_scan_tokens_vs_eager", "scan / torch eager tokens/s")):
+        if key in rat:
+            print(f"{text:<34}{rat[key]:6.2f}x")
+    if args.baseline_dir:
+        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", args.baseline_dir], capture_output=True)
     total = time.perf_counter() - t_start
     print(f"total run time of the benchmark: {total:.0f} s")
     if args.json:

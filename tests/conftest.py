@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 
-from helpers import FAMILIES, save_hf_model  # noqa: E402
+from helpers import FAMILIES, save_hf_model, save_tiny_tokenizer, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +31,28 @@ def hf_dirs(tmp_path_factory):
         d = tmp_path_factory.mktemp(f"hf_{fam}")
         out[fam] = (str(d), save_hf_model(fam, d))
     return out
+
+
+@pytest.fixture(scope="session")
+def make_teacher_corpus(tmp_path_factory):
+    """make(name, n_docs, model_dir="teacher") -> (root, corpus): a fresh directory `root` (tmp_path_factory's
+    `name`) holding a tiny random "llama3" checkpoint with the tiny tokenizer in root/model_dir, and a corpus of
+    `n_docs` paragraphs of at most 24 words, root/corpus.txt (its path as a str). Each call makes a new directory,
+    so a module may add its own files to it."""
+    def make(name, n_docs, model_dir="teacher"):
+        root = tmp_path_factory.mktemp(name)
+        save_hf_model("llama3", root / model_dir)
+        save_tiny_tokenizer(root / model_dir)
+        return root, write_corpus(root / "corpus.txt", n_docs=n_docs, max_words=24)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def teacher_corpus(make_teacher_corpus):
+    """(root, corpus): root/teacher and an 80-document corpus, made once per session and shared by the modules that
+    only read them (test_train, test_rundir): add nothing to root and change nothing in it."""
+    return make_teacher_corpus("teacher_corpus", n_docs=80)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 
 from fa_jax import train  # noqa: E402
+from jit_counts import jit_counts  # noqa: E402  (this script's directory is on sys.path)
 
-summary = train.pretrain(json.load(open(cfg_path)))
-print("DONE", process_id, summary["step"], summary["compilations"])
+with jit_counts() as n:
+    summary = train.pretrain(json.load(open(cfg_path)))
+print("DONE", process_id, summary["step"], n.traces["train_step"])  # traces of the step: 1, none per step

@@ -14,7 +14,7 @@ from fa_jax import run_config, sft, train
 from fa_jax.errors import FaJaxError
 from fa_jax.generate import generate_tokens
 from fa_jax.models import transformer
-from helpers import save_hf_model, save_tiny_tokenizer, write_corpus
+from jit_counts import jit_counts
 
 pytestmark = pytest.mark.usefixtures("contained_datasets_cache")
 
@@ -31,11 +31,8 @@ MODELS = os.path.join(os.path.dirname(__file__), "..", "configs", "models")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kinds")
-    save_hf_model("llama3", root / "model")
-    save_tiny_tokenizer(root / "model")
-    corpus = write_corpus(root / "corpus.txt", n_docs=60, max_words=24)
+def setup(make_teacher_corpus):
+    root, corpus = make_teacher_corpus("kinds", n_docs=60, model_dir="model")  # the teacher of pretrain, sft's student
     records = [{"prompt": "the hacker wrote a program", "response": "it was on the system"},
                {"question": "what is the text", "answer": "a line of code"}]
     sft_data = root / "sft.jsonl"
@@ -70,8 +67,9 @@ def test_every_kind_trains_exports_generates_and_fine_tunes(setup, tmp_path, kin
     model = str(root / "model")
     over = {"adapter.kind": kind, "model.teacher": model, "data.train": corpus, "data.seq_len": 16,
             "data.batch_size": 8, **SETTINGS[kind]}
-    summary = train.pretrain(_cfg(train.pretrain_defaults(), root, tmp_path / "pre", over))
-    assert summary["compilations"] == 1 and np.isfinite(summary["metrics"]["loss"])
+    with jit_counts() as n:
+        summary = train.pretrain(_cfg(train.pretrain_defaults(), root, tmp_path / "pre", over))
+    assert n.traces["train_step"] == 1 and np.isfinite(summary["metrics"]["loss"])
     trained = jax.device_get(summary["adapters"])
     assert adapters_lib.kind_of(trained) == kind
 

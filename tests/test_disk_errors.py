@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fa_jax
-from fa_jax import readapt
+from fa_jax import readapt, runs
 from fa_jax.cli import main
 from fa_jax.errors import FaJaxError
 from fa_jax.io import atomic
@@ -193,8 +193,8 @@ def test_export_failures(models, tmp_path, monkeypatch, capsys):
     config = fa_jax.load_config(str(models / "base"))
     cfg = run_config.merge(train.pretrain_defaults(), {"model": {"teacher": str(models / "base")}}, "test")
     lora = fa_jax.init_lora(config, jax.random.PRNGKey(0), rank=2, alpha=4, targets=["q_proj"])
-    monkeypatch.setattr(readapt, "run_config_of", lambda run: cfg)
-    monkeypatch.setattr(readapt, "run_adapters", lambda run, config, allow_pruned=False: lora)
+    monkeypatch.setattr(runs, "run_config_of", lambda run: cfg)
+    monkeypatch.setattr(runs, "run_adapters", lambda run, config, allow_pruned=False: lora)
     (tmp_path / "file").write_bytes(b"x")
     out = tmp_path / "file" / "sub" / "adapter"
     assert main(["export", "RUN", "--out", str(out)]) == 2

@@ -22,6 +22,7 @@ from fa_jax.errors import FaJaxError
 from fa_jax.models import transformer
 from fa_jax.tree import flatten
 from helpers import FAMILIES, TINY, save_tiny_tokenizer
+from jit_counts import jit_counts
 
 PROMPT_LENGTHS = (5, 11, 8)  # left padding of 6, 0 and 3 tokens in transformers' batch
 
@@ -140,17 +141,19 @@ def test_decoding_compiles_once(hf_dirs):
     the bucket, max_new_tokens, sampling settings, EOS ids or seed."""
     config, params = fa_jax.load_model(hf_dirs["llama3"][0])
     config = config.replace(rope_theta=12345.0)  # a model no other test compiled for
-    before = dict(gen.TRACES)
-    first = gen.generate_tokens(config, params, _prompts(), max_new_tokens=20, eos_token_ids=[])
+    jitted = ("_prefill", "_decode")
+    with jit_counts() as n:
+        first = gen.generate_tokens(config, params, _prompts(), max_new_tokens=20, eos_token_ids=[])
     assert [len(t) for t in first] == [20, 20, 20]
-    traced = {k: gen.TRACES[k] - before.get(k, 0) for k in ("prefill", "decode")}
-    assert traced == {"prefill": 1, "decode": 1}
-    gen.generate_tokens(config, params, _prompts((30, 2, 7, 1), seed=3), max_new_tokens=9, temperature=0.7,
-                        top_k=5, top_p=0.9, eos_token_ids=[7, 8, 9], seed=4)
-    gen.generate_tokens(config.replace(eos_token_id=(5, 6)), params, _prompts((64, 1, 1)), max_new_tokens=64)
-    assert {k: gen.TRACES[k] - before.get(k, 0) for k in ("prefill", "decode")} == traced
-    gen.generate_tokens(config, params, _prompts((65, 1, 1)), max_new_tokens=3)  # next prompt bucket: once more
-    assert gen.TRACES["prefill"] - before.get("prefill", 0) == 2
+    assert [(n.traces[f], n.compiles[f]) for f in jitted] == [(1, 1), (1, 1)], n
+    with jit_counts() as n:
+        gen.generate_tokens(config, params, _prompts((30, 2, 7, 1), seed=3), max_new_tokens=9, temperature=0.7,
+                            top_k=5, top_p=0.9, eos_token_ids=[7, 8, 9], seed=4)
+        gen.generate_tokens(config.replace(eos_token_id=(5, 6)), params, _prompts((64, 1, 1)), max_new_tokens=64)
+    assert [(n.traces[f], n.compiles[f]) for f in jitted] == [(0, 0), (0, 0)], n
+    with jit_counts() as n:
+        gen.generate_tokens(config, params, _prompts((65, 1, 1)), max_new_tokens=3)  # next prompt bucket: once more
+    assert (n.traces["_prefill"], n.compiles["_prefill"]) == (1, 1), n
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -186,3 +186,28 @@ def test_unknown_remat_policy_is_a_clear_error():
 
     with pytest.raises(FaJaxError, match="model.remat=.sometimes.: expected false, true or one of none, full, dots"):
         transformer.remat_policy("sometimes")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_flax_modules_declare_the_parameter_table(family, hf_dirs):
+    """The Flax modules' own parameters (Model.init under eval_shape: paths, shapes, logical axis names) are exactly
+    the table that loaders and sharding read (models/spec.py), and `apply` with the loaded params is `forward`."""
+    import flax.linen as nn
+
+    from fa_jax.models import modules, spec
+    from fa_jax.tree import flatten
+
+    config, params = fa_jax.load_model(hf_dirs[family][0])
+    model = modules.CausalLM(config)
+    toks = jnp.zeros((1, 4), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), toks, jnp.zeros((1, 4), jnp.int32),
+                                                  jnp.ones((1, 4), jnp.int32), logits=True))
+    shapes = {k: v.shape for k, v in flatten(nn.unbox(variables["params"])).items()}
+    axes = {k: tuple(v) for k, v in flatten(nn.get_partition_spec(variables)["params"]).items()}
+    table = spec.param_specs(config)
+    assert shapes == {k: s for k, (s, _) in table.items()}
+    assert axes == {k: a for k, (_, a) in table.items()}
+    toks = jnp.asarray(_tokens(2, 6))
+    seg = jnp.ones((2, 6), jnp.int32)
+    got, _ = model.apply({"params": params}, toks, transformer.segment_positions(seg), seg, logits=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(fa_jax.forward(config, params, toks)), atol=1e-6, rtol=0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fa_jax import run_config, train
-from test_train import _cfg, _losses, setup  # noqa: F401  (the module fixture)
+from test_train import _cfg, _losses
 
 HERE = os.path.dirname(__file__)
 
@@ -33,8 +33,8 @@ def _outputs(procs, timeout=300) -> list[str]:
     return outs
 
 
-def test_two_processes_equal_one(setup, tmp_path):
-    root, corpus = setup
+def test_two_processes_equal_one(teacher_corpus, tmp_path):
+    root, corpus = teacher_corpus
     over = {"run.steps": 3, "run.save_every": 2, "mesh.shape": [2, 4, 1]}
     train.pretrain(_cfg(root, corpus, tmp_path / "one", **over))
     cfg = _cfg(root, corpus, tmp_path / "two", **over)
@@ -57,9 +57,9 @@ def test_two_processes_equal_one(setup, tmp_path):
 
 
 @pytest.mark.slow  # the same two-process equality through the CLI (the default suite runs test_two_processes_equal_one)
-def test_two_processes_from_the_command_line(setup, tmp_path):
+def test_two_processes_from_the_command_line(teacher_corpus, tmp_path):
     """`fa-jax pretrain --distributed` in two processes (FA_JAX_* variables, 127.0.0.1) trains like one process."""
-    root, corpus = setup
+    root, corpus = teacher_corpus
     over = {"run.steps": 2, "run.save_every": 0, "mesh.shape": [2, 4, 1]}
     train.pretrain(_cfg(root, corpus, tmp_path / "one", **over))
     cfg = _cfg(root, corpus, tmp_path / "two", **over)

@@ -197,7 +197,7 @@ def test_query_blocks_with_prefix_match_the_cache_path(family, hf_dirs):
     for ad in (fa_jax.init_prompt_tuning(config, jax.random.PRNGKey(0), num_virtual_tokens=N),
                fa_jax.init_prefix_tuning(config, jax.random.PRNGKey(1), num_virtual_tokens=N)):
         got = np.asarray(fa_jax.forward(config, params, toks, ad))
-        cache = prompts.fill_cache(config, params, ad, transformer.init_cache(config, 1, N + T), jnp.float32)
+        cache = transformer.fill_cache(config, params, ad, transformer.init_cache(config, 1, N + T), jnp.float32)
         h, _ = transformer.hidden_states_with_cache(config, params, toks, cache, N, N + np.arange(T)[None])
         np.testing.assert_allclose(got, np.asarray(transformer.lm_logits(config, params, h)), atol=1e-4, rtol=0)
         remat = np.asarray(fa_jax.forward(config, params, toks[:, :8], ad, remat=True))

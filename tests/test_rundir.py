@@ -15,18 +15,8 @@ import pytest
 
 from fa_jax import rundir, run_config, train
 from fa_jax.errors import FaJaxError
-from helpers import save_hf_model, save_tiny_tokenizer, write_corpus
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rundir")
-    save_hf_model("llama3", root / "teacher")
-    save_tiny_tokenizer(root / "teacher")
-    corpus = write_corpus(root / "corpus.txt", n_docs=80, max_words=24)
-    return root, corpus
 
 
 def _base(root, corpus, out):
@@ -66,9 +56,9 @@ def snapshot(path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(setup, tmp_path_factory):
+def runs(teacher_corpus, tmp_path_factory):
     """The uninterrupted run, and one stopped at step 5 with checkpoints 2, 4, 5 (to copy and corrupt)."""
-    root, corpus = setup
+    root, corpus = teacher_corpus
     base = tmp_path_factory.mktemp("runs")
     summary = train.pretrain(_cfg(root, corpus, base / "straight", **{"run.export_peft": True,
                                                                        "run.tensorboard": True}))
@@ -77,13 +67,13 @@ def runs(setup, tmp_path_factory):
     return base / "straight", base / "stopped", summary
 
 
-def test_finished_run_exports_its_adapter_and_curves(setup, runs):
+def test_finished_run_exports_its_adapter_and_curves(teacher_corpus, runs):
     import jax
 
     import fa_jax
     from fa_jax.models import transformer
 
-    root, _ = setup
+    root, _ = teacher_corpus
     straight, _, summary = runs
     s_cfg, _ = transformer.select_layers(*fa_jax.load_model(str(root / "teacher")), [0])
     ad = fa_jax.load_peft(s_cfg, str(straight / "adapter_peft"))
@@ -114,8 +104,8 @@ def test_run_json_records_what_defines_the_run(runs):
     ({"data.seq_len": 24}, "data.seq_len: 16 -> 24"),
     ({"data.batch_size": 16}, "data.batch_size"),
 ])
-def test_resume_with_a_structural_change_is_refused_and_changes_nothing(setup, runs, tmp_path, over, named):
-    root, corpus = setup
+def test_resume_with_a_structural_change_is_refused_and_changes_nothing(teacher_corpus, runs, tmp_path, over, named):
+    root, corpus = teacher_corpus
     run = tmp_path / "run"
     shutil.copytree(runs[1], run)
     before = snapshot(run)
@@ -125,8 +115,8 @@ def test_resume_with_a_structural_change_is_refused_and_changes_nothing(setup, r
     assert snapshot(run) == before
 
 
-def test_resume_with_another_teacher_or_data_is_refused(setup, runs, tmp_path):
-    root, corpus = setup
+def test_resume_with_another_teacher_or_data_is_refused(teacher_corpus, runs, tmp_path):
+    root, corpus = teacher_corpus
     run = tmp_path / "run"
     shutil.copytree(runs[1], run)
     other = tmp_path / "teacher2"
@@ -147,8 +137,8 @@ def test_resume_with_another_teacher_or_data_is_refused(setup, runs, tmp_path):
     assert snapshot(run) == before
 
 
-def test_safe_changes_need_force_resume(setup, runs, tmp_path, capsys):
-    root, corpus = setup
+def test_safe_changes_need_force_resume(teacher_corpus, runs, tmp_path, capsys):
+    root, corpus = teacher_corpus
     run = tmp_path / "run"
     shutil.copytree(runs[1], run)
     before = snapshot(run)
@@ -193,9 +183,9 @@ def _corrupt(run, how):
 
 @pytest.mark.parametrize("how", ["truncated _METADATA", "missing state/", "bad bytes", "truncated data files",
                                  "missing data position", "missing state/, no integrity record"])
-def test_corrupt_latest_checkpoint_falls_back_and_matches_the_uninterrupted_run(setup, runs, tmp_path, capsys,
-                                                                                 how):
-    root, corpus = setup
+def test_corrupt_latest_checkpoint_falls_back_and_matches_the_uninterrupted_run(teacher_corpus, runs, tmp_path,
+                                                                                 capsys, how):
+    root, corpus = teacher_corpus
     straight, stopped, _ = runs
     run = tmp_path / "run"
     shutil.copytree(stopped, run)
@@ -214,8 +204,8 @@ def test_corrupt_latest_checkpoint_falls_back_and_matches_the_uninterrupted_run(
     np.testing.assert_array_equal([got[s] for s in got], [want[s] for s in got])  # bit for bit
 
 
-def test_no_intact_checkpoint_is_one_line(setup, runs, tmp_path):
-    root, corpus = setup
+def test_no_intact_checkpoint_is_one_line(teacher_corpus, runs, tmp_path):
+    root, corpus = teacher_corpus
     run = tmp_path / "run"
     shutil.copytree(runs[1], run)
     for s in ("2", "4", "5"):
@@ -225,12 +215,12 @@ def test_no_intact_checkpoint_is_one_line(setup, runs, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_failed_checkpoint_save_is_one_line_and_keeps_the_previous(setup, tmp_path, monkeypatch):
+def test_failed_checkpoint_save_is_one_line_and_keeps_the_previous(teacher_corpus, tmp_path, monkeypatch):
     import errno
 
     import orbax.checkpoint as ocp
 
-    root, corpus = setup
+    root, corpus = teacher_corpus
     real = ocp.CheckpointManager.save
 
     def save(self, step, *a, **k):
@@ -249,10 +239,10 @@ def test_failed_checkpoint_save_is_one_line_and_keeps_the_previous(setup, tmp_pa
 # ---------------------------------------------------------------------------------------- 3. lock
 
 
-def test_busy_directory_is_refused_and_a_stale_lock_taken_over(setup, runs, tmp_path, capsys):
+def test_busy_directory_is_refused_and_a_stale_lock_taken_over(teacher_corpus, runs, tmp_path, capsys):
     import socket
 
-    root, corpus = setup
+    root, corpus = teacher_corpus
     run = tmp_path / "run"
     shutil.copytree(runs[1], run)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -278,10 +268,10 @@ def test_busy_directory_is_refused_and_a_stale_lock_taken_over(setup, runs, tmp_
 # ---------------------------------------------------------------------------- 4. finished, early failure
 
 
-def test_a_finished_run_rerun_changes_nothing(setup, runs, tmp_path, capsys):
+def test_a_finished_run_rerun_changes_nothing(teacher_corpus, runs, tmp_path, capsys):
     from fa_jax.cli import main
 
-    root, corpus = setup
+    root, corpus = teacher_corpus
     run = tmp_path / "run"
     shutil.copytree(runs[0], run)
     before = snapshot(run)
@@ -294,8 +284,8 @@ def test_a_finished_run_rerun_changes_nothing(setup, runs, tmp_path, capsys):
     assert snapshot(run) == before
 
 
-def test_a_run_failing_before_its_first_checkpoint_leaves_nothing(setup, tmp_path):
-    root, corpus = setup
+def test_a_run_failing_before_its_first_checkpoint_leaves_nothing(teacher_corpus, tmp_path):
+    root, corpus = teacher_corpus
     shutil.copytree(root / "teacher", tmp_path / "no_tok", ignore=shutil.ignore_patterns("tokenizer*", "special*"))
     with pytest.raises(Exception):
         train.pretrain(_cfg(root, corpus, tmp_path / "new", **{"model.teacher": str(tmp_path / "no_tok")}))
@@ -330,8 +320,8 @@ def _wait_for_step(proc, run, step, timeout=240):
     raise AssertionError("the run did not reach step %d" % step)
 
 
-def test_sigint_saves_exit_75_then_kill_9_and_resume_is_bit_identical(setup, runs, tmp_path):
-    root, corpus = setup
+def test_sigint_saves_exit_75_then_kill_9_and_resume_is_bit_identical(teacher_corpus, runs, tmp_path):
+    root, corpus = teacher_corpus
     run = tmp_path / "run"
     proc = _cli(root, corpus, run, tmp_path)
     _wait_for_step(proc, run, 2)
@@ -367,11 +357,11 @@ def test_metrics_history_covers_the_whole_run_after_a_resume(tmp_path):
     assert os.path.exists(tmp_path / "loss_curve.png")
 
 
-def test_too_few_documents_for_the_batch_rows_names_the_source(setup, tmp_path):
+def test_too_few_documents_for_the_batch_rows_names_the_source(teacher_corpus, tmp_path):
     import fa_jax
     from fa_jax import data
 
-    root, _ = setup
+    root, _ = teacher_corpus
     (tmp_path / "three.txt").write_text("one document\n\ntwo documents\n\nthree documents\n")
     docs = data.load_documents(str(tmp_path / "three.txt"))
     with pytest.raises(FaJaxError, match=r"data.train=mine: 3 document\(s\) for 8 batch rows \(data.batch_size\)"):

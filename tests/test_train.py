@@ -12,16 +12,8 @@ import fa_jax
 from fa_jax import data, losses, run_config, train
 from fa_jax.errors import FaJaxError
 from fa_jax.models import transformer
-from helpers import save_hf_model, save_tiny_tokenizer, write_corpus
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrain")
-    save_hf_model("llama3", root / "teacher")
-    save_tiny_tokenizer(root / "teacher")
-    corpus = write_corpus(root / "corpus.txt", n_docs=80, max_words=24)
-    return root, corpus
+from helpers import save_tiny_tokenizer
+from jit_counts import jit_counts
 
 
 def _cfg(root, corpus, out, **over):
@@ -40,9 +32,9 @@ def _losses(out):
     return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))]
 
 
-def test_first_step_loss_equals_reference(setup, tmp_path):
+def test_first_step_loss_equals_reference(teacher_corpus, tmp_path):
     """The jitted, chunked step's first loss equals distill_loss on full logits of the untrained student."""
-    root, corpus = setup
+    root, corpus = teacher_corpus
     cfg = _cfg(root, corpus, tmp_path / "run", **{"run.steps": 1})
     batches = train.RowStreams(data.load_documents(corpus), fa_jax.load_tokenizer(str(root / "teacher")),
                                seq_len=16, global_rows=8, seed=0, add_bos=True, add_eos=True)
@@ -60,20 +52,21 @@ def test_first_step_loss_equals_reference(setup, tmp_path):
     assert first["mask"].sum() > 50 and (first["mask"] == 0).any()
 
 
-def test_same_numbers_on_1_and_8_devices_and_one_compilation(setup, tmp_path):
-    root, corpus = setup
+def test_same_numbers_on_1_and_8_devices_and_one_compilation(teacher_corpus, tmp_path):
+    root, corpus = teacher_corpus
     runs = {}
     for name, shape in (("one", [1, 1, 1]), ("2x4", [2, 4, 1]), ("1x8", [1, 8, 1]), ("tp", [2, 2, 2])):
-        summary = train.pretrain(_cfg(root, corpus, tmp_path / name, **{"mesh.shape": shape}))
-        assert summary["compilations"] == 1
+        with jit_counts() as n:  # one trace and one compilation of the step per run: none per step
+            train.pretrain(_cfg(root, corpus, tmp_path / name, **{"mesh.shape": shape}))
+        assert (n.traces["train_step"], n.compiles["train_step"]) == (1, 1), n
         runs[name] = _losses(tmp_path / name)
     assert len(runs["one"]) == 4
     for name in ("2x4", "1x8", "tp"):
         np.testing.assert_allclose([l for _, l in runs[name]], [l for _, l in runs["one"]], rtol=1e-5)
 
 
-def test_adapter_learns_a_repeated_batch(setup, tmp_path):
-    root, corpus = setup
+def test_adapter_learns_a_repeated_batch(teacher_corpus, tmp_path):
+    root, corpus = teacher_corpus
     inner = train.RowStreams(data.load_documents(corpus), fa_jax.load_tokenizer(str(root / "teacher")), seq_len=16,
                              global_rows=8, seed=0, add_bos=True, add_eos=True)
     batch = next(inner)
@@ -89,8 +82,8 @@ def test_adapter_learns_a_repeated_batch(setup, tmp_path):
     assert curve[-1] < 0.97 * curve[0] and curve[1] < curve[0], curve
 
 
-def test_grad_accumulation_gives_the_same_update(setup, tmp_path):
-    root, corpus = setup
+def test_grad_accumulation_gives_the_same_update(teacher_corpus, tmp_path):
+    root, corpus = teacher_corpus
     a = train.pretrain(_cfg(root, corpus, tmp_path / "a", **{"run.steps": 2}))
     b = train.pretrain(_cfg(root, corpus, tmp_path / "b", **{"run.steps": 2, "optim.grad_accum": 4}))
     np.testing.assert_allclose([l for _, l in _losses(tmp_path / "b")], [l for _, l in _losses(tmp_path / "a")],
@@ -99,8 +92,8 @@ def test_grad_accumulation_gives_the_same_update(setup, tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
-def test_sigterm_saves_and_exits(setup, tmp_path):
-    root, corpus = setup
+def test_sigterm_saves_and_exits(teacher_corpus, tmp_path):
+    root, corpus = teacher_corpus
     cfg = _cfg(root, corpus, tmp_path / "run", **{"run.steps": 50, "run.save_every": 0})
     inner = train.RowStreams(data.load_documents(corpus), fa_jax.load_tokenizer(str(root / "teacher")),
                              seq_len=16, global_rows=8, seed=0, add_bos=True, add_eos=True)
@@ -124,10 +117,10 @@ def test_sigterm_saves_and_exits(setup, tmp_path):
     assert resumed["step"] == 4
 
 
-def test_cli_pretrain_and_unknown_key(setup, tmp_path, capsys):
+def test_cli_pretrain_and_unknown_key(teacher_corpus, tmp_path, capsys):
     from fa_jax.cli import main
 
-    root, corpus = setup
+    root, corpus = teacher_corpus
     conf = tmp_path / "conf.py"
     conf.write_text("def get_config():\n    return {'model': {'teacher': %r, 'keep_layers': 'every_other'},\n"
                     "            'data': {'train': %r, 'seq_len': 16, 'batch_size': 8}}\n" % (str(root / "teacher"), corpus))
@@ -154,8 +147,8 @@ def _teacher_with_padded_vocab(path, vocab=264):
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
 
 
-def test_teacher_of_another_size_with_padded_vocab(setup, tmp_path):
-    root, corpus = setup
+def test_teacher_of_another_size_with_padded_vocab(teacher_corpus, tmp_path):
+    root, corpus = teacher_corpus
     _teacher_with_padded_vocab(tmp_path / "big")
     save_tiny_tokenizer(tmp_path / "big")
     cfg = _cfg(root, corpus, tmp_path / "run", **{"run.steps": 2, "model.teacher": str(tmp_path / "big"),
@@ -164,8 +157,8 @@ def test_teacher_of_another_size_with_padded_vocab(setup, tmp_path):
     assert summary["step"] == 2 and np.isfinite(summary["metrics"]["kd"]) and summary["metrics"]["kd"] > 0
 
 
-def test_tokenizer_mismatch_is_an_error_before_training(setup, tmp_path):
-    root, corpus = setup
+def test_tokenizer_mismatch_is_an_error_before_training(teacher_corpus, tmp_path):
+    root, corpus = teacher_corpus
     _teacher_with_padded_vocab(tmp_path / "other")
     save_tiny_tokenizer(tmp_path / "other", vocab_size=40)  # a different vocabulary
     cfg = _cfg(root, corpus, tmp_path / "run", **{"model.teacher": str(tmp_path / "other"),
@@ -206,11 +199,11 @@ def test_remat_shrinks_the_compiled_step_scratch_memory():
     assert temp["full"] < 0.3 * temp[False], temp
 
 
-def test_remat_auto_picks_the_first_policy_that_fits(setup, tmp_path):
+def test_remat_auto_picks_the_first_policy_that_fits(teacher_corpus, tmp_path):
     """model.remat=auto compiles the policies from the least recomputation to the most and keeps the first whose
     compiled memory fits: with room to spare that is no remat at all (same numbers as remat none), with no room
     a one-line error listing what each policy needed; the choice itself against known sizes."""
-    root, corpus = setup
+    root, corpus = teacher_corpus
     plain = train.pretrain(_cfg(root, corpus, tmp_path / "none", **{"run.steps": 2}))
     auto = train.pretrain(_cfg(root, corpus, tmp_path / "auto", **{"run.steps": 2, "model.remat": "auto",
                                                                    "run.memory_budget": "64GiB"}))
@@ -243,3 +236,23 @@ def test_remat_auto_picks_the_first_policy_that_fits(setup, tmp_path):
     assert "\n" not in str(e.value)
     cfg = run_config.apply_overrides(cfg, ["model.remat=dots"])  # not auto: built, never compiled here
     assert train.choose_step(cfg, Fake, (), 1)[1] == "dots"
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_scan_layers_run_gives_the_losses_of_the_unrolled_run(kind, teacher_corpus, tmp_path):
+    """model.scan_layers=true on a 2x4 mesh: the teacher (2 layers) and the student made of its layer 0 (sharing
+    its arrays) stacked and sharded, the adapters stacked inside the step; same losses, the exported adapter of
+    the usual per-layer names."""
+    root, corpus = teacher_corpus
+    runs = {}
+    for scan in (False, True):
+        out = tmp_path / f"scan_{scan}"
+        train.pretrain(_cfg(root, corpus, out, **{"mesh.shape": [2, 4, 1], "model.scan_layers": scan,
+                                                  "model.keep_layers": [1, 0], "adapter.kind": kind,
+                                                  "run.steps": 3}))
+        runs[scan] = _losses(out)
+    assert len(runs[True]) == 3
+    np.testing.assert_allclose([l for _, l in runs[True]], [l for _, l in runs[False]], rtol=1e-5)
+    config = fa_jax.load_config(str(root / "teacher"))
+    exported = fa_jax.load_peft(config.replace(num_hidden_layers=2), str(tmp_path / "scan_True" / "adapter_peft"))
+    assert sorted(exported["model"]["layers"]) == ["0", "1"]

@@ -10,17 +10,13 @@ import pytest
 from fa_jax import run_config, sft, train, validation
 from fa_jax.cli import build_parser, main
 from fa_jax.errors import FaJaxError
-from helpers import save_hf_model, save_tiny_tokenizer, write_corpus
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(make_teacher_corpus):
     """One tiny teacher, a corpus, SFT records, valid pretrain / sft config files and a few bad config files."""
-    root = tmp_path_factory.mktemp("validation")
+    root, corpus = make_teacher_corpus("validation", n_docs=40)
     teacher = root / "teacher"
-    save_hf_model("llama3", teacher)
-    save_tiny_tokenizer(teacher)
-    corpus = write_corpus(root / "corpus.txt", n_docs=40, max_words=24)
     records = root / "records.jsonl"
     records.write_text("".join(json.dumps({"prompt": "the hacker", "response": f"program {i}"}) + "\n"
                                for i in range(16)))
@@ -52,8 +48,13 @@ def env(tmp_path_factory):
                                  pre=str(pre), sftc=str(sftc))
 
 
-P = ("pretrain", "--config", "{pre}", "run.out_dir={out}")
-S = ("sft", "--config", "{sftc}", "run.out_dir={out}")
+def _run(command, config):
+    """argv of `command` with the config file `config`, writing to {out}."""
+    return (command, "--config", config, "run.out_dir={out}")
+
+
+P = _run("pretrain", "{pre}")
+S = _run("sft", "{sftc}")
 
 # (id, argv with {placeholders}, a part of the error line)
 CASES = [
@@ -169,23 +170,19 @@ CASES = [
     ("sft_lr_negative", S + ("optim.lr=-1",), "optim.lr=-1.0: expected a number >= 0"),
     ("sft_out_dir_is_file", S + ("run.out_dir={tmp}/afile",), "an existing file; expected a directory"),
     # config files
-    ("config_dir", ("pretrain", "--config", "{root}/conf_dir", "run.out_dir={out}"), "conf_dir: a directory"),
-    ("config_list", ("pretrain", "--config", "{root}/conf_list.py", "run.out_dir={out}"),
-     "get_config() returned a list; expected a dict"),
-    ("config_none", ("sft", "--config", "{root}/conf_none.py", "run.out_dir={out}"),
-     "get_config() returned None; expected a dict"),
-    ("config_name_error", ("pretrain", "--config", "{root}/conf_name_error.py", "run.out_dir={out}"),
+    ("config_dir", _run("pretrain", "{root}/conf_dir"), "conf_dir: a directory"),
+    ("config_list", _run("pretrain", "{root}/conf_list.py"), "get_config() returned a list; expected a dict"),
+    ("config_none", _run("sft", "{root}/conf_none.py"), "get_config() returned None; expected a dict"),
+    ("config_name_error", _run("pretrain", "{root}/conf_name_error.py"),
      "get_config() failed (NameError: name 'learning_rate' is not defined)"),
-    ("config_import_error", ("pretrain", "--config", "{root}/conf_import_error.py", "run.out_dir={out}"),
+    ("config_import_error", _run("pretrain", "{root}/conf_import_error.py"),
      "running the config file failed (ModuleNotFoundError"),
-    ("config_syntax", ("pretrain", "--config", "{root}/conf_syntax.py", "run.out_dir={out}"), ":1: syntax error"),
-    ("config_no_fn", ("pretrain", "--config", "{root}/conf_no_fn.py", "run.out_dir={out}"), "must define get_config"),
-    ("config_section", ("pretrain", "--config", "{root}/conf_section.py", "run.out_dir={out}"),
-     "optim=3 should be a section"),
-    ("config_float_steps", ("pretrain", "--config", "{root}/conf_float_steps.py", "run.out_dir={out}"),
-     "run.steps=2.5: expected an integer"),
-    ("config_json", ("pretrain", "--config", "{root}/conf.json", "run.out_dir={out}"), "must define get_config"),
-    ("config_missing", ("pretrain", "--config", "{root}/nope.py", "run.out_dir={out}"), "config file not found"),
+    ("config_syntax", _run("pretrain", "{root}/conf_syntax.py"), ":1: syntax error"),
+    ("config_no_fn", _run("pretrain", "{root}/conf_no_fn.py"), "must define get_config"),
+    ("config_section", _run("pretrain", "{root}/conf_section.py"), "optim=3 should be a section"),
+    ("config_float_steps", _run("pretrain", "{root}/conf_float_steps.py"), "run.steps=2.5: expected an integer"),
+    ("config_json", _run("pretrain", "{root}/conf.json"), "must define get_config"),
+    ("config_missing", _run("pretrain", "{root}/nope.py"), "config file not found"),
     # other commands
     ("eval_nothing", ("eval", "--model", "{teacher}", "--out", "{out}"), "eval: nothing to do"),
     ("eval_agreement", ("eval", "--model", "{teacher}", "--agreement", "{corpus}", "--out", "{out}"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import gguf
 import jax
 import numpy as np
 from tqdm.auto import tqdm
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from fa_jax import config as config_lib
 from fa_jax.errors import FaJaxError
 from fa_jax.io.hf import is_transposed, place, sharding_for
-from fa_jax.models.transformer import param_specs
+from fa_jax.models.spec import param_specs
 from fa_jax.tree import unflatten
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -67,8 +68,6 @@ class _Metadata:
         self.path, self.fields = path, reader.fields
 
     def get(self, key: str, default=None):
-        import gguf
-
         field = self.fields.get(key)
         if field is None:
             return default
@@ -92,8 +91,6 @@ class _Metadata:
 
 def _open(path: str):
     """GGUFReader over a memory map; a truncated or corrupt file is one FaJaxError naming the file."""
-    import gguf
-
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -119,8 +116,6 @@ def _numpy_shape(t) -> tuple[int, ...]:
 
 def _dequantize(path: str, t) -> np.ndarray:
     """One tensor as float32 in numpy order ([out, in] for a matrix)."""
-    import gguf
-
     try:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError:

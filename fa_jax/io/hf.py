@@ -16,7 +16,7 @@ from fa_jax import config as config_lib
 from fa_jax.errors import FaJaxError
 from fa_jax.io.atomic import atomic_dir
 from fa_jax.io.safetensors import SafetensorsFile, dtype_name, write
-from fa_jax.models.transformer import param_specs
+from fa_jax.models.spec import param_specs
 from fa_jax.tree import flatten, unflatten
 
 INDEX = "model.safetensors.index.json"

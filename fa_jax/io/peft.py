@@ -26,77 +26,17 @@ import numpy as np
 from fa_jax import lora as lora_lib
 from fa_jax.errors import FaJaxError
 from fa_jax.io.atomic import atomic_dir
+from fa_jax.io.peft_dir import (  # noqa: F401  (the directory's files; public here too, as they were defined here)
+    CONFIG, MODEL_RECORD, RECORD_KEYS, WEIGHTS, check_made_for, made_for, model_record, read_adapter_config,
+    weights_file, write_model_record)
+from fa_jax.io.peft_prompts import load_peft_prompt, save_peft_prompt
 from fa_jax.io.safetensors import SafetensorsFile, write
-from fa_jax.models.transformer import linear_modules
+from fa_jax.models.spec import linear_modules
 from fa_jax.tree import unflatten
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 EXTRA = "lore_extra.safetensors"  # float32 deltas (HF names) of tensors PEFT cannot hold: W = base + scale * delta
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
-# The model an adapter was made for, beside adapter_config.json (PEFT's LoraConfig warns about keys it does not know,
-# so the record is a file of its own): `fa-jax merge` compares it with the base it is given.
-MODEL_RECORD = "fa_jax_model.json"
-RECORD_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
-
-
-def model_record(config) -> dict:
-    """{key: value} of `RECORD_KEYS` for a ModelConfig: what identifies the model an adapter fits."""
-    return {k: getattr(config, k) for k in RECORD_KEYS}
-
-
-def write_model_record(config, directory: str) -> None:
-    with open(os.path.join(directory, MODEL_RECORD), "w") as f:
-        json.dump(model_record(config), f, indent=2)
-
-
-def made_for(in_dir: str) -> tuple[str, dict] | None:
-    """(where it was read, `model_record`) of the model an adapter directory was made for: its `MODEL_RECORD`, else
-    the config.json of a local directory named by base_model_name_or_path in adapter_config.json; None when there
-    is neither (nothing to compare)."""
-    from fa_jax import config as config_lib
-
-    f = os.path.join(in_dir, MODEL_RECORD)
-    if os.path.exists(f):
-        try:
-            with open(f) as fh:
-                rec = json.load(fh)
-        except (OSError, json.JSONDecodeError) as e:
-            raise FaJaxError(f"{f}: not valid JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise FaJaxError(f"{f}: expected a JSON object with {', '.join(RECORD_KEYS)}")
-        return f, {k: rec.get(k) for k in RECORD_KEYS}
-    try:
-        with open(os.path.join(in_dir, CONFIG)) as fh:
-            base = json.load(fh).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(base, str) or not os.path.isfile(os.path.join(base, "config.json")):
-        return None  # a hub name or nothing: no local config to compare with
-    try:
-        return f"base_model_name_or_path {base}", model_record(config_lib.load_config(base))
-    except FaJaxError:
-        return None  # a config fa_jax cannot read: nothing to compare
-
-
-def check_made_for(in_dir: str, config, base: str, label: str = "--adapter") -> None:
-    """A FaJaxError when the adapter in `in_dir` was made for another model than `config` (the model in `base`):
-    another model_type, or other main sizes (`RECORD_KEYS`), even where its tensors' shapes would fit."""
-    found = made_for(in_dir)
-    if found is None:
-        return
-    where, rec = found
-    have = model_record(config)
-    diff = [k for k in RECORD_KEYS if rec.get(k) is not None and rec[k] != have[k]]
-    if not diff:
-        return
-    if "model_type" in diff:
-        raise FaJaxError(f"{label} {in_dir}: made for a {rec['model_type']} model ({where}); the base {base} is a "
-                         f"{have['model_type']}")
-    sizes = ", ".join(f"{k}={rec[k]}" for k in diff)
-    raise FaJaxError(f"{label} {in_dir}: made for a {rec['model_type']} model with {sizes} ({where}); the base "
-                     f"{base} has {', '.join(f'{k}={have[k]}' for k in diff)}")
 
 
 def _most_common(values):
@@ -117,8 +57,6 @@ def save_peft(config, adapters, out_dir: str, *, use_rslora: bool = False, base_
     A DoRA tree (every module with a `magnitude`) is written with `use_dora: true`.
     """
     if "prompt_tuning" in (adapters or {}) or "prefix_tuning" in (adapters or {}):  # io/peft_prompts.py
-        from fa_jax.io.peft_prompts import save_peft_prompt
-
         if adapters.get("model"):
             raise FaJaxError("save_peft: a PEFT directory holds one kind of adapter: save the prompt / prefix and "
                              "the per-module adapters (adapters['model']) as two directories")
@@ -207,38 +145,6 @@ def write_peft(config, adapters, directory: str, *, use_rslora: bool = False,
         json.dump(cfg, f, indent=2, sort_keys=True)
 
 
-def _pattern_value(pattern: dict, path: str, default):
-    """PEFT's rule: the first pattern key k with re.match(rf"(.*\\.)?({k})$", module path) wins."""
-    for k, v in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({k})$", path):
-            return v
-    return default
-
-
-def read_adapter_config(in_dir: str) -> dict:
-    f = os.path.join(in_dir, CONFIG)
-    if not os.path.isdir(in_dir):
-        raise FaJaxError(f"{in_dir}: no such adapter directory")
-    if not os.path.exists(f):
-        raise FaJaxError(f"{in_dir}: no {CONFIG} (expected a PEFT adapter directory)")
-    try:
-        with open(f) as fh:
-            cfg = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise FaJaxError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return cfg
-
-
-def weights_file(in_dir: str) -> str:
-    """The adapter_model.safetensors of a PEFT directory; a clear error when it is missing or pickled."""
-    wf = os.path.join(in_dir, WEIGHTS)
-    if not os.path.exists(wf):
-        other = [n for n in os.listdir(in_dir) if n.startswith("adapter_model")]
-        raise FaJaxError(f"{in_dir}: no {WEIGHTS}" + (f" (found {other[0]}: re-save it with safe_serialization)"
-                                                      if other else ""))
-    return wf
-
-
 _LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight")
 _DORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_magnitude_vector)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?")
 
@@ -277,8 +183,6 @@ def load_peft(config, in_dir: str, dtype=jnp.float32, warn_non_matrix: bool = Tr
     cfg = read_adapter_config(in_dir)
     f = os.path.join(in_dir, CONFIG)
     if cfg.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):  # {"prompt_tuning"/"prefix_tuning": ...}
-        from fa_jax.io.peft_prompts import load_peft_prompt
-
         return load_peft_prompt(config, in_dir, cfg, dtype)
     if cfg.get("peft_type") != "LORA":
         raise FaJaxError(f"{f}: peft_type {cfg.get('peft_type')!r} is not supported here (expected 'LORA')")
@@ -323,7 +227,7 @@ def load_peft(config, in_dir: str, dtype=jnp.float32, warn_non_matrix: bool = Tr
         if A.shape != (r, d_in) or B.shape != (d_out, r):
             raise FaJaxError(f"{wf}: module {path!r} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, "
                              f"expected [r, {d_in}] and [{d_out}, r]")
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)))
+        alpha = float(lora_lib.pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)))
         flat[path] = {"lora_A": jnp.asarray(np.asarray(A, np.float32).T, dtype),
                       "lora_B": jnp.asarray(np.asarray(B, np.float32).T, dtype),
                       "scale": jnp.asarray(alpha / (math.sqrt(r) if use_rslora else r), jnp.float32)}

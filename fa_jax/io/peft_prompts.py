@@ -18,10 +18,9 @@ import numpy as np
 from fa_jax import prompts
 from fa_jax.errors import FaJaxError
 from fa_jax.io.atomic import atomic_dir
+from fa_jax.io.peft_dir import CONFIG, WEIGHTS, weights_file, write_model_record
 from fa_jax.io.safetensors import SafetensorsFile, write
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 TENSOR = "prompt_embeddings"
 PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}
 
@@ -61,8 +60,6 @@ def save_peft_prompt(config, adapters, out_dir: str, *, base_model_name_or_path:
                    init_weights=None)
     out_dt = np.dtype(jnp.dtype(dtype or tensor.dtype))
     entries = [(TENSOR, tuple(tensor.shape), out_dt, lambda: np.asarray(jax.device_get(tensor)))]
-    from fa_jax.io.peft import write_model_record
-
     with atomic_dir(out_dir, overwrite) as tmp:
         write(os.path.join(tmp, WEIGHTS), entries, metadata={"format": "pt"})
         write_model_record(config, tmp)  # the model it was made for (fa-jax merge and friends compare it)
@@ -83,8 +80,6 @@ def load_peft_prompt(config, in_dir: str, cfg: dict, dtype=jnp.float32):
                          f"prompts are not supported")
     if cfg.get("num_layers") not in (None, config.num_hidden_layers):
         raise FaJaxError(f"{f}: num_layers={cfg['num_layers']}, but this model has {config.num_hidden_layers} layers")
-    from fa_jax.io.peft import weights_file  # (io.peft imports this module)
-
     wf = weights_file(in_dir)
     st = SafetensorsFile(wf)
     if TENSOR not in st.keys():

@@ -42,6 +42,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fa_jax import sharding as sh
 from fa_jax.errors import FaJaxError
 
 IMPLS = ("auto", "xla", "splash", "cudnn")
@@ -121,7 +122,6 @@ def splash_attention(q, k, v, segment_ids, window: int = 0, *, mesh=None, interp
     (the kernel's own custom vjp) and usable inside jax.checkpoint. `interpret=True` runs the kernel in Pallas'
     interpreter (any platform; tests).
     """
-    from fa_jax import sharding as sh
 
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     local = lambda q, k, v, seg: _splash_local(q, k, v, seg, window, interpret)

@@ -1,5 +1,6 @@
-"""The layers every decoder family shares: adapter-aware dense, RMSNorm, rotary embedding, grouped-query
-attention, gated MLP. Pure functions on plain dicts of arrays.
+"""The math every decoder family shares, as pure functions on arrays: RMSNorm, rotary embedding, attention masks,
+grouped-query attention (in array order with block skipping, or over cache slots), MLP activations. The Flax
+modules of models/modules.py hold the parameters and call these.
 
 Axis legend: B batch, T query time, S key time, D model, H query heads, G key/value heads, Q query heads per
 key/value head (H = G * Q), K head dim, F MLP hidden, V vocab, R adapter rank.
@@ -8,29 +9,31 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
-from fa_jax import lora
-from fa_jax.models import attention_kernels
+from fa_jax.adapters import registry
+from fa_jax.errors import FaJaxError
+
+
+def dense(x, p, adapter=None, dropout=None):
+    """x [..., I] @ kernel [I, O] (+ bias) for p {"kernel"[, "bias"]}; with an adapter, the output of the registered
+    kind that claims it (fa_jax/adapters/registry.py: LoRA, DoRA).
+
+    `dropout` is a function applied to the adapter's input only (LoRA dropout); the frozen path never drops.
+    """
+    kind = registry.linear_kind(adapter)
+    if kind is not None:
+        return kind.linear(x, p, adapter, dropout)
+    if adapter:
+        raise FaJaxError(f"no registered adapter kind applies to a linear module holding {sorted(adapter)}")
+    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
+    if p.get("bias") is not None:
+        y = y + p["bias"].astype(y.dtype)
+    return y
+
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows give a uniform softmax, not NaN
 
 
-def dense(x, p, adapter=None, dropout=None):
-    """x [..., I] @ kernel [I, O] (+ bias), plus the adapter's contribution if one is given.
-
-    `dropout` is a function applied to the adapter's input only (LoRA dropout); the frozen path never drops.
-    A DoRA adapter (one with a `magnitude`) rescales the bias-free output, then the bias is added (as in PEFT).
-    """
-    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
-    if adapter and "magnitude" in adapter:
-        y = lora.apply_dora(x, y, p["kernel"], adapter, dropout)
-        adapter = None
-    if "bias" in p:
-        y = y + p["bias"].astype(y.dtype)
-    if adapter:
-        y = lora.apply(x, y, adapter, dropout)
-    return y
 
 
 def rms_norm(x, weight, eps: float, offset: float = 0.0):
@@ -68,40 +71,6 @@ def attention_mask(segment_ids, q_positions=None, k_positions=None, window: int 
     return allowed & same
 
 
-def attention(config, p, a, x, cos, sin, mask, dropout=None, prefix=None, segment_ids=None, window: int = 0):
-    """Grouped-query self-attention. x [B, T, D], mask [B, T, S] boolean -> [B, T, D].
-
-    `prefix`: None, or (keys [N, G, K], values [N, G, K], mask [B, T, N] or None for all visible) that every query
-    also attends to, in front of the tokens' own keys (prompt / prefix tuning, fa_jax/prompts.py).
-
-    `mask` must be causal in array order (query t never sees key s > t), as `attention_mask` builds it: the
-    queries are processed in blocks and block i only reads the keys up to its own end, which skips the fully
-    masked upper-right part of the score matrix (a quarter of it with two blocks).
-
-    `config.attention_impl` picks the kernel (models/attention_kernels.py); the kernels build their mask from
-    `segment_ids` [B, T] (0 = padding) and the layer's sliding `window` (0: none), which must describe `mask`.
-    Without `segment_ids` the xla path runs.
-    """
-    B, T, _ = x.shape
-    H, G, K = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    # named for the remat policies that keep projection outputs (transformer.REMAT_POLICIES)
-    q = checkpoint_name(dense(x, p["q_proj"], a.get("q_proj"), dropout), "q_proj").reshape(B, T, H, K)
-    k = checkpoint_name(dense(x, p["k_proj"], a.get("k_proj"), dropout), "k_proj").reshape(B, T, G, K)
-    v = checkpoint_name(dense(x, p["v_proj"], a.get("v_proj"), dropout), "v_proj").reshape(B, T, G, K)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    impl = "xla" if segment_ids is None else attention_kernels.choose(
-        config.attention_impl, q.shape, k.shape, q.dtype, prefix=prefix)
-    if impl == "splash":
-        out = attention_kernels.splash_attention(q, k, v, segment_ids, window)
-    elif impl == "cudnn":
-        out = attention_kernels.cudnn_attention(q, k, v, segment_ids, window)
-    else:
-        out = causal_attention(q.reshape(B, T, G, H // G, K), k, v, mask, prefix)
-    out = out.reshape(B, T, H * K)
-    if "adaption_prompt" in a:  # LLaMA-Adapter: gated attention over the layer's adaption prompt (llama_adapter.py)
-        from fa_jax.llama_adapter import prompt_attention
-        out = out + prompt_attention(config, p, a, q)
-    return dense(out, p["o_proj"], a.get("o_proj"), dropout)
 
 
 def query_blocks(T: int, min_block: int = 128, max_blocks: int = 8) -> int:
@@ -153,7 +122,7 @@ def _prefix_scores(qi, prefix, start: int, c: int):
     return jnp.where(pmask[:, None, None, start:start + c], s, _NEG).reshape(B, G, M, -1)
 
 
-def _activation(name):
+def activation(name):
     if name == "silu":
         return jax.nn.silu
     if name == "gelu":
@@ -161,19 +130,31 @@ def _activation(name):
     return lambda x: jax.nn.gelu(x, approximate=True)  # gelu_pytorch_tanh, gelu_new
 
 
-def mlp(config, p, a, x, dropout=None):
-    """Gated MLP: down(act(gate(x)) * up(x)). SwiGLU for Llama/Mistral/Qwen2, GeGLU for Gemma."""
-    act = _activation(config.hidden_act)
-    gate = checkpoint_name(dense(x, p["gate_proj"], a.get("gate_proj"), dropout), "gate_proj")
-    up = checkpoint_name(dense(x, p["up_proj"], a.get("up_proj"), dropout), "up_proj")
-    return dense(act(gate) * up, p["down_proj"], a.get("down_proj"), dropout)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Attention over a key/value cache (generation). Its own path: the mask comes from the cache's slot metadata
-# (valid slots, positions), not from array order, so `causal_attention`'s block skipping does not apply. Always
-# XLA: `config.attention_impl` is not read here (a "splash" or "cudnn" config generates through this path too; the
-# kernels' causal block masks assume queries and keys in array order, which a cache does not keep).
+# Masks beyond one packed sequence: virtual prompt tokens in front of packed documents, and key/value cache slots
+# (generation). Attention over cache slots never uses `causal_attention`'s block skipping and always runs in XLA
+# (the kernels' causal block masks assume queries and keys in array order, which a cache does not keep).
+
+
+def prompt_mask(segment_ids, n: int, positions, window: int = 0):
+    """Boolean [B, N + T, N + T] for N virtual prompt tokens (positions 0..N-1) in front of T tokens with
+    `segment_ids` [B, T] and shifted `positions` [B, T] (N and more).
+
+    The virtual tokens attend causally to each other, never to the tokens; every token attends to the whole prompt
+    whatever its segment (within the layer's sliding window, by position), and to its own segment as in
+    `attention_mask`. Causal in array order, so `causal_attention` can skip blocks."""
+    B, T = segment_ids.shape
+    idx = jnp.arange(n)
+    top = idx[None, :] <= idx[:, None]
+    if window:
+        top = top & (idx[:, None] - idx[None, :] < window)
+    top = jnp.concatenate([jnp.broadcast_to(top, (B, n, n)), jnp.zeros((B, n, T), bool)], axis=2)
+    if window:
+        left = positions[:, :, None] - idx[None, None, :] < window
+    else:
+        left = jnp.ones((B, T, n), bool)
+    bottom = jnp.concatenate([left, attention_mask(segment_ids, window=window)], axis=2)
+    return jnp.concatenate([top, bottom], axis=1)
 
 
 def cache_mask(q_positions, k_positions, k_valid, window: int = 0):
@@ -201,28 +182,3 @@ def masked_attention(q, k, v, mask):
     probs = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bgqts,bsgk->btgqk", probs, v)
 
-
-def attention_with_cache(config, p, a, x, cos, sin, k_cache, v_cache, index, mask):
-    """Grouped-query attention of T new tokens over a key/value cache.
-
-    x [B, T, D]; cos, sin [B, T, K] for the new tokens' positions; k_cache, v_cache [B, S, G, K]. The new keys and
-    values are written at slots [index, index + T) (the same slots in every row) before attending, so the new
-    tokens see each other as the mask allows. mask [B, T, S'] covers the first S' <= S slots (S' = index + T when
-    index is a Python int, which skips the empty tail during prefill). Returns (out [B, T, D], k_cache, v_cache).
-    """
-    B, T, _ = x.shape
-    H, G, K = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = dense(x, p["q_proj"], a.get("q_proj")).reshape(B, T, H, K)
-    k = dense(x, p["k_proj"], a.get("k_proj")).reshape(B, T, G, K)
-    v = dense(x, p["v_proj"], a.get("v_proj")).reshape(B, T, G, K)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-    S = mask.shape[-1]
-    out = masked_attention(q.reshape(B, T, G, H // G, K), k_cache[:, :S].astype(q.dtype),
-                           v_cache[:, :S].astype(q.dtype), mask)
-    out = out.reshape(B, T, H * K)
-    if "adaption_prompt" in a:  # LLaMA-Adapter: gated attention over the layer's adaption prompt (llama_adapter.py)
-        from fa_jax.llama_adapter import prompt_attention
-        out = out + prompt_attention(config, p, a, q)
-    return dense(out, p["o_proj"], a.get("o_proj")), k_cache, v_cache

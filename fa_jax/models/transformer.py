@@ -1,63 +1,22 @@
-"""The decoder shared by every family: parameter layout, initialisation, and the pure forward pass.
+"""The functional face of the decoder: `forward`, `hidden_states`, the key/value cache, parameter helpers.
 
-Parameter paths are the Hugging Face module names with the leaf renamed by kind: linear `kernel` [in, out]
-(the transpose of torch's weight) and `bias`, embedding `embedding` [V, D], norm `weight` [D].
+Each function runs the Flax modules of models/modules.py pure-functionally (`CausalLM(...).apply({"params": base,
+"adapters": tree}, ...)`); training, evaluation, prefill and decoding go through the same modules. Parameter paths are
+the Hugging Face module names (models/spec.py).
 
 Axis legend: B batch, T time, D model, V vocab.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fa_jax import bottleneck, checks
-from fa_jax import config as config_lib
-from fa_jax.sharding import constrain_batch
-from fa_jax.models import layers
-from fa_jax.tree import unflatten
-
-
-def param_specs(config) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """Flat {path: (shape, logical axes)} of every base parameter, in checkpoint order."""
-    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    HK, GK = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    specs = {"model.embed_tokens.embedding": ((V, D), ("vocab", "embed"))}
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}"
-        specs[f"{p}.input_layernorm.weight"] = ((D,), ("norm",))
-        for name, (d_out, axis) in {"q_proj": (HK, "heads"), "k_proj": (GK, "kv_heads"),
-                                    "v_proj": (GK, "kv_heads")}.items():
-            specs[f"{p}.self_attn.{name}.kernel"] = ((D, d_out), ("embed", axis))
-            if config.qkv_bias:
-                specs[f"{p}.self_attn.{name}.bias"] = ((d_out,), (axis,))
-        specs[f"{p}.self_attn.o_proj.kernel"] = ((HK, D), ("heads", "embed"))
-        if config.o_bias:
-            specs[f"{p}.self_attn.o_proj.bias"] = ((D,), ("norm",))
-        specs[f"{p}.post_attention_layernorm.weight"] = ((D,), ("norm",))
-        for name in ("gate_proj", "up_proj"):
-            specs[f"{p}.mlp.{name}.kernel"] = ((D, F), ("embed", "mlp"))
-            if config.mlp_bias:
-                specs[f"{p}.mlp.{name}.bias"] = ((F,), ("mlp",))
-        specs[f"{p}.mlp.down_proj.kernel"] = ((F, D), ("mlp", "embed"))
-        if config.mlp_bias:
-            specs[f"{p}.mlp.down_proj.bias"] = ((D,), ("norm",))
-    specs["model.norm.weight"] = ((D,), ("norm",))
-    if not config.tie_word_embeddings:
-        specs["lm_head.kernel"] = ((D, V), ("embed", "vocab"))
-    return specs
-
-
-def linear_modules(config) -> list[tuple[str, tuple[int, int]]]:
-    """(module path, (in, out)) of every linear layer an adapter can target (the LM head excluded)."""
-    return [(path[: -len(".kernel")], shape) for path, (shape, _) in param_specs(config).items()
-            if path.endswith(".kernel") and path != "lm_head.kernel"]
-
-
-def count_params(config) -> int:
-    return sum(math.prod(shape) for shape, _ in param_specs(config).values())
+from fa_jax import checks
+from fa_jax.errors import FaJaxError
+from fa_jax.models.modules import REMAT_POLICIES, CausalLM, remat_policy, root_site  # noqa: F401  (public here)
+from fa_jax.models.spec import count_params, linear_modules, param_specs  # noqa: F401  (public here)
+from fa_jax.tree import flatten, unflatten
 
 
 def init_params(config, rng, dtype=jnp.float32):
@@ -75,18 +34,6 @@ def init_params(config, rng, dtype=jnp.float32):
     return unflatten(flat)
 
 
-class _Dropout:
-    """Independent dropout masks for each adapter input, drawn from one key (a fresh fold per call)."""
-
-    def __init__(self, rate: float, rng):
-        self.rate, self.rng, self.calls = rate, rng, 0
-
-    def __call__(self, x):
-        self.calls += 1
-        keep = jax.random.bernoulli(jax.random.fold_in(self.rng, self.calls), 1.0 - self.rate, x.shape)
-        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
-
-
 def segment_positions(segment_ids):
     """Position of each token inside its own segment: 0, 1, ... restarting where the segment id changes."""
     T = segment_ids.shape[1]
@@ -97,45 +44,8 @@ def segment_positions(segment_ids):
     return idx - start
 
 
-def _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout, prefix=None, segment_ids=None):
-    eps, off = config.rms_norm_eps, config.norm_offset
-    h = layers.rms_norm(x, lp["input_layernorm"]["weight"], eps, off)
-    o = layers.attention(config, lp["self_attn"], la.get("self_attn", {}), h, cos, sin, masks[config.window(i)],
-                         dropout, prefix, segment_ids=segment_ids, window=config.window(i))
-    x = x + bottleneck.apply(la.get("attn_adapter"), o)  # Houlsby adapter on the sub-layer output (if any)
-    h = layers.rms_norm(x, lp["post_attention_layernorm"]["weight"], eps, off)
-    return x + bottleneck.apply(la.get("mlp_adapter"), layers.mlp(config, lp["mlp"], la.get("mlp", {}), h, dropout))
-
-
-REMAT_POLICIES = {
-    # recompute everything of the layer in the backward pass: least memory, one more forward pass
-    "full": None,
-    # keep the outputs of the projections (matmuls without batch dimensions); recompute norms, rope, attention
-    # scores and softmax, activations: most of the memory saving at a small fraction of the compute
-    "dots": "dots_with_no_batch_dims_saveable",
-    # keep every matmul output, attention scores included
-    "all_dots": "dots_saveable",
-    # keep the MLP's gate and up projections (with their adapters): the backward pass recomputes the attention
-    # block's input projections and attention only (about a fifth of a layer's forward FLOPs) and never the MLP,
-    # for two [tokens, intermediate] arrays per layer
-    "mlp": ("gate_proj", "up_proj"),
-    # as "mlp", plus the query/key/value projections: only norms, rope and attention are recomputed
-    "mlp_qkv": ("gate_proj", "up_proj", "q_proj", "k_proj", "v_proj"),
-}
-
-
-def remat_policy(remat):
-    """The jax.checkpoint policy for `remat` = True / "full", "dots" or "all_dots" (see REMAT_POLICIES); False and
-    "none" mean no rematerialization."""
-    from fa_jax.errors import FaJaxError
-
-    name = "full" if remat is True else remat
-    if name not in REMAT_POLICIES:
-        raise FaJaxError(f"model.remat={remat!r}: expected false, true or one of none, {', '.join(REMAT_POLICIES)}")
-    policy = REMAT_POLICIES[name]
-    if isinstance(policy, tuple):  # outputs named with checkpoint_name in models/layers.py
-        return jax.checkpoint_policies.save_only_these_names(*policy)
-    return None if policy is None else getattr(jax.checkpoint_policies, policy)
+def _dtype(params, dtype):
+    return jnp.dtype(dtype or params["model"]["embed_tokens"]["embedding"].dtype)
 
 
 def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions=None, segment_ids=None,
@@ -144,38 +54,79 @@ def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions
     # on the host, before any tracing: dtypes, shapes, adapter paths; the ids' range when the tokens are concrete
     checks.check_tokens(config, tokens, mask=mask, positions=positions, segment_ids=segment_ids)
     checks.check_adapters(config, adapters)
-    emb = params["model"]["embed_tokens"]["embedding"]
-    dtype = jnp.dtype(dtype or emb.dtype)
     tokens = jnp.asarray(tokens)
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32) if mask is None else jnp.asarray(mask).astype(jnp.int32)
+    segment_ids = jnp.asarray(segment_ids)
     if positions is None:
         positions = segment_positions(segment_ids)
-    # (activations split by batch only, under a mesh: see sharding.constrain_batch)
-    x = constrain_batch(jnp.take(emb, tokens, axis=0).astype(dtype))
-    if config.embed_scale:
-        x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
-    prefixes = [None] * config.num_hidden_layers
-    if "prompt_tuning" in (adapters or {}) or "prefix_tuning" in (adapters or {}):
-        from fa_jax import prompts  # virtual tokens at positions 0..N-1: a per-layer key/value prefix
+    if remat and remat != "none":
+        remat_policy(remat)  # a clear error for an unknown name
+    if config.scan_layers:
+        params = stack_layers(config, params)  # a copy of the layers' weights unless stacked already
+        adapters = stack_adapters(config, adapters)  # adapter-sized; gradients flow back to the per-layer tree
+    train = bool(dropout_rate) and rng is not None
+    model = CausalLM(config, _dtype(params, dtype), dropout_rate if train else 0.0, not train,
+                     remat if remat and remat != "none" else False)
+    h, _ = model.apply({"params": params, "adapters": adapters or {}}, tokens, positions, segment_ids,
+                       rngs={"dropout": rng} if train else None)
+    return h
 
-        pk, pv = prompts.layer_prefixes(config, params, adapters, dtype)
-        positions = jnp.asarray(positions) + pk.shape[1]
-        prefixes = [(pk[i], pv[i], prompts.prefix_mask(positions, pk.shape[1], config.window(i)))
-                    for i in range(config.num_hidden_layers)]
-    cos, sin = layers.rope_tables(config_lib.rope_inv_freq(config), positions, dtype)
-    masks = {w: layers.attention_mask(segment_ids, window=w)
-             for w in sorted(set(config.window(i) for i in range(config.num_hidden_layers)))}
-    dropout = _Dropout(dropout_rate, rng) if dropout_rate and rng is not None else None
-    adapters = adapters or {}
-    layer_adapters = adapters.get("model", {}).get("layers", {})
-    for i in range(config.num_hidden_layers):
-        fn = lambda lp, la, x, i=i: _decoder_layer(config, i, lp, la, x, cos, sin, masks, dropout, prefixes[i],
-                                                   segment_ids)
-        if remat and remat != "none":
-            fn = jax.checkpoint(fn, policy=remat_policy(remat))
-        x = constrain_batch(fn(params["model"]["layers"][str(i)], layer_adapters.get(str(i), {}), x))
-    return layers.rms_norm(x, params["model"]["norm"]["weight"], config.rms_norm_eps, config.norm_offset)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stacked layers (`model.scan_layers`): model.layers holds one decoder layer's tree with every leaf stacked along a
+# leading axis of length num_hidden_layers, instead of the per-layer trees "0", "1", ... Files and adapters on
+# disk always use the per-layer names; the stacking happens in memory.
+
+
+def is_stacked(tree) -> bool:
+    """Whether a params or adapter tree holds its layers stacked (see `stack_layers`)."""
+    layers = (tree or {}).get("model", {}).get("layers", {})
+    return bool(layers) and not all(str(k).isdigit() for k in layers)
+
+
+def stack_layers(config, params):
+    """Base params with the decoder layers stacked (for `model.scan_layers`); stacked params come back as they are.
+    Under jit with donated input this is the one copy a run makes (train.load_models)."""
+    if is_stacked(params):
+        return params
+    layers = params["model"]["layers"]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[str(i)] for i in range(config.num_hidden_layers)])
+    return {**params, "model": {**params["model"], "layers": stacked}}
+
+
+def unstack_layers(config, params):
+    """The inverse of `stack_layers` (per-layer trees "0", "1", ...); per-layer params come back as they are."""
+    if not is_stacked(params):
+        return params
+    layers = params["model"]["layers"]
+    per = {str(i): jax.tree.map(lambda x, i=i: x[i], layers) for i in range(config.num_hidden_layers)}
+    return {**params, "model": {**params["model"], "layers": per}}
+
+
+def stack_adapters(config, adapters):
+    """An adapter tree with its per-layer parts stacked like `stack_layers`, each leaf zero-padded to the largest
+    shape any layer has (LoRA ranks: extra zero columns of lora_A and rows of lora_B) and zero where a layer has
+    none (LoRA with scale 0, a bottleneck adapter that adds nothing, a LLaMA-Adapter gate of 0). None of that changes
+    a number of the forward pass or a gradient of the real entries. DoRA modules must exist in every layer (a zero
+    magnitude is not a no-op). Other parts of the tree (prompt / prefix tuning) are unchanged."""
+    layers = (adapters or {}).get("model", {}).get("layers")
+    if not layers or is_stacked(adapters):
+        return adapters
+    n = config.num_hidden_layers
+    flats = [flatten(layers.get(str(i), {})) for i in range(n)]
+    out = {}
+    for path in dict.fromkeys(p for f in flats for p in f):
+        present = [f[path] for f in flats if path in f]
+        if path.endswith("magnitude") and len(present) < n:
+            missing = [i for i, f in enumerate(flats) if path not in f]
+            raise FaJaxError(f"model.scan_layers=true: the DoRA module model.layers.*.{path[:-len('.magnitude')]} is "
+                             f"missing in layers {missing}; DoRA under scan needs it in every layer")
+        shape = tuple(max(np.shape(x)[d] for x in present) for d in range(np.ndim(present[0])))
+        zeros = jnp.zeros(shape, present[0].dtype)
+        pad = lambda x: jnp.pad(x, [(0, m - k) for k, m in zip(np.shape(x), shape)]) if np.shape(x) != shape else x
+        out[path] = jnp.stack([pad(jnp.asarray(f[path])) if path in f else zeros for f in flats])
+    return {**adapters, "model": {**adapters["model"], "layers": unflatten(out)}}
 
 
 def lm_head_kernel(config, params):
@@ -239,8 +190,6 @@ def select_layers(config, params, keep):
     The arrays are shared, not copied. `keep="every_other"` keeps layers 0, 2, 4, ... (layer pruning, the student
     of the embedded demo). Per-layer settings (sliding windows) follow their layers.
     """
-    from fa_jax.errors import FaJaxError
-
     n = config.num_hidden_layers
     if keep == "every_other":
         keep = list(range(0, n, 2))
@@ -256,8 +205,8 @@ def select_layers(config, params, keep):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Key/value cache for generation. Separate from `hidden_states` (which training uses): the attention mask comes
-# from the cache's own record of which slots hold real tokens and at which positions.
+# Key/value cache for generation: the same modules, attending over cache slots; the attention mask comes from the
+# cache's own record of which slots hold real tokens and at which positions.
 
 
 def init_cache(config, batch: int, length: int, dtype=jnp.float32):
@@ -274,44 +223,45 @@ def init_cache(config, batch: int, length: int, dtype=jnp.float32):
 
 
 def hidden_states_with_cache(config, params, tokens, cache, index, positions, valid=None, adapters=None, *,
-                             dtype=None):
+                             dtype=None, embeddings=None):
     """Run T new tokens [B, T] through the decoder on top of a cache (see `init_cache`).
 
     The tokens go into slots [index, index + T) of every row, with `positions` [B, T] and `valid` [B, T] (False
     for padding; default all True); each attends to the real tokens of its row at the same or earlier positions
     (within the layer's sliding window). `index` is a Python int (prefill: slots past index + T are not read) or
     a traced int32 scalar (decoding: the whole cache is read, nothing recompiles per step).
+    `embeddings` [B, T, D] replace the tokens' embeddings (virtual tokens, used unscaled; `tokens` is then unused).
     Returns (final-norm hidden states [B, T, D] in the compute dtype, the updated cache).
     """
-    emb = params["model"]["embed_tokens"]["embedding"]
-    dtype = jnp.dtype(dtype or emb.dtype)
-    tokens = jnp.asarray(tokens)
-    positions = jnp.asarray(positions, jnp.int32)
-    valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    T = tokens.shape[1]
-    k_pos = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, index, axis=1)
-    k_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid, index, axis=1)
-    S = index + T if isinstance(index, int) else k_pos.shape[1]
-    # (activations split by batch only, under a mesh: see sharding.constrain_batch)
-    x = constrain_batch(jnp.take(emb, tokens, axis=0).astype(dtype))
-    if config.embed_scale:
-        x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
-    cos, sin = layers.rope_tables(config_lib.rope_inv_freq(config), positions, dtype)
-    masks = {w: layers.cache_mask(positions, k_pos[:, :S], k_valid[:, :S], w)
-             for w in sorted(set(config.window(i) for i in range(config.num_hidden_layers)))}
-    eps, off = config.rms_norm_eps, config.norm_offset
-    layer_adapters = (adapters or {}).get("model", {}).get("layers", {})
-    new_layers = {}
-    for i in range(config.num_hidden_layers):
-        lp, la = params["model"]["layers"][str(i)], layer_adapters.get(str(i), {})
-        c = cache["layers"][str(i)]
-        h = layers.rms_norm(x, lp["input_layernorm"]["weight"], eps, off)
-        out, k, v = layers.attention_with_cache(config, lp["self_attn"], la.get("self_attn", {}), h, cos, sin,
-                                                c["k"], c["v"], index, masks[config.window(i)])
-        new_layers[str(i)] = {"k": k, "v": v}
-        x = x + bottleneck.apply(la.get("attn_adapter"), out)  # Houlsby adapter on the sub-layer output (if any)
-        h = layers.rms_norm(x, lp["post_attention_layernorm"]["weight"], eps, off)
-        x = x + bottleneck.apply(la.get("mlp_adapter"), layers.mlp(config, lp["mlp"], la.get("mlp", {}), h))
-        x = constrain_batch(x)
-    h = layers.rms_norm(x, params["model"]["norm"]["weight"], eps, off)
-    return h, {"layers": new_layers, "positions": k_pos, "valid": k_valid}
+    if config.scan_layers:  # the cache path runs the layers one by one
+        config, params = config.replace(scan_layers=False), unstack_layers(config, params)
+    model = CausalLM(config, _dtype(params, dtype))
+    tokens = None if tokens is None else jnp.asarray(tokens)
+    return model.apply({"params": params, "adapters": adapters or {}}, tokens, positions, cache=cache, index=index,
+                       valid=valid, embeddings=embeddings)
+
+
+def fill_cache(config, params, adapters, cache, dtype):
+    """The cache (`init_cache`, at least N slots) with the tree's prompt or prefix (prompts.py) in slots [0, N) of
+    every row and layer, valid, at positions 0..N-1. The prompt's tokens then go into the slots from N on, at
+    positions from N on. Prompt tuning runs its N virtual tokens through the model (with the tree's other adapters)
+    as a prefill of the cache; prefix tuning writes its keys and values."""
+    what, value = root_site(config, adapters, dtype)
+    B = cache["valid"].shape[0]
+    if what is None:
+        return cache
+    if what == "prompt":
+        emb = value
+        n = emb.shape[0]
+        positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))
+        _, cache = hidden_states_with_cache(config, params, None, cache, 0, positions, None, adapters, dtype=dtype,
+                                            embeddings=jnp.broadcast_to(emb, (B,) + emb.shape))
+        return cache
+    keys, values = value
+    n = keys.shape[1]
+    put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, jnp.broadcast_to(x, (B,) + x.shape).astype(c.dtype),
+                                                           0, axis=1)
+    new_layers = {str(i): {"k": put(c["k"], keys[i].astype(dtype)), "v": put(c["v"], values[i].astype(dtype))}
+                  for i, c in ((i, cache["layers"][str(i)]) for i in range(config.num_hidden_layers))}
+    return {"layers": new_layers, "positions": put(cache["positions"], jnp.arange(n, dtype=jnp.int32)),
+            "valid": put(cache["valid"], jnp.ones(n, bool))}
