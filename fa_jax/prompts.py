@@ -21,9 +21,9 @@ adapters; one of the two kinds at a time, everything in it trainable):
 What the model computes (as PEFT on transformers): the virtual tokens take positions 0..N-1 and the real tokens'
 positions are shifted by N (explicit `positions` count from 0 and are shifted too). Prompt tuning runs the N
 embeddings through every layer in front of each row (models/modules.py; they attend only to each other, causally);
-prefix tuning's keys and values are a per-layer prefix in front of the tokens' own. Every real token attends to the whole
-prefix whatever its padding or segment: in a packed row every document sees the prompt, as if it stood at the
-start of each document (positions restart at N in each document). In sliding-window layers the prefix is seen
+prefix tuning's keys and values are a per-layer prefix in front of the tokens' own. Every real token attends to the
+whole prompt or prefix whatever its padding or segment: in a packed row every document sees it, as if it stood at
+the start of each document (positions restart at N in each document). In sliding-window layers the prefix is seen
 only while it is inside the window (q - k < window with the prefix at 0..N-1), as in transformers.
 `forward` / `hidden_states` return the real tokens only ([B, T, ...]), so masks and losses are unchanged.
 Generation puts the prompt or prefix in the first N slots of every layer's cache (`transformer.fill_cache`).

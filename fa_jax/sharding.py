@@ -2,7 +2,8 @@
 
 Every parameter carries logical axis names ("embed", "heads", "kv_heads", "mlp", "vocab", "norm": the table of
 models/spec.py, from which the Flax modules of models/modules.py declare their parameters); a rule maps a logical
-name to mesh axes. The mesh has the axes (data, fsdp, tensor): batches split over data x fsdp, weights over fsdp (ZeRO-3 style) and tensor (Megatron style).
+name to mesh axes. The mesh has the axes (data, fsdp, tensor): batches split over data x fsdp, weights over fsdp
+(ZeRO-3 style) and tensor (Megatron style).
 """
 from __future__ import annotations
 

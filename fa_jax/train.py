@@ -212,8 +212,8 @@ def stack_models(cfg, mesh, rules, teacher_cfg, teacher, student_cfg, student):
 
     def stack(config, params, donate):
         shapes = jax.eval_shape(lambda p: transformer.stack_layers(config, p), params)
-        fn = jax.jit(lambda p: transformer.stack_layers(config, p),
-                     out_shardings=sh.tree_shardings(config, shapes, mesh, rules), donate_argnums=(0,) if donate else ())
+        fn = jax.jit(lambda p: transformer.stack_layers(config, p), donate_argnums=(0,) if donate else (),
+                     out_shardings=sh.tree_shardings(config, shapes, mesh, rules))
         return fn(params)
 
     if student is teacher:

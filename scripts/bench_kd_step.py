@@ -453,7 +453,8 @@ def ratios(summary: dict) -> dict:
             out[f"tokens_{key}"] = num["tokens_per_s_median"] / den["tokens_per_s_median"]
             out[f"memory_{key}"] = num["peak_rss_gib_max"] / den["peak_rss_gib_max"]
             if "torch_eager" in summary:
-                out[f"{other}_tokens_vs_eager"] = o["tokens_per_s_median"] / summary["torch_eager"]["tokens_per_s_median"]
+                eager = summary["torch_eager"]["tokens_per_s_median"]
+                out[f"{other}_tokens_vs_eager"] = o["tokens_per_s_median"] / eager
     return out
 
 
