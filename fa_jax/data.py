@@ -50,18 +50,15 @@ import collections.abc
 import glob
 import gzip
 import hashlib
+import importlib
 import itertools
 import json
 import lzma
 import os
 import warnings
 
-import datasets
 import jax
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from datasets.exceptions import DatasetGenerationError
 
 from fa_jax.errors import FaJaxError
 
@@ -71,7 +68,25 @@ _FORMATS = {".txt": "text", ".md": "text", ".text": "text", ".jsonl": "json", ".
             ".parquet": "parquet"}
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _SPEC_KEYS = ("path", "tfds", "data_dir", "split", "text_field", "download")
-_FEATURES = datasets.Features({"text": datasets.Value("string"), "error": datasets.Value("string")})
+class _Lazy:
+    """A module imported on first use. `datasets` brings pandas and pyarrow (about 0.1 GB of memory and 0.7 s): a
+    process that never reads a data file (a run fed its own batches, `fa-jax compile`) does not pay for them."""
+
+    def __init__(self, name: str):
+        self._name, self._module = name, None
+
+    def __getattr__(self, attr):
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+datasets, datasets_exceptions = _Lazy("datasets"), _Lazy("datasets.exceptions")
+pc, pq = _Lazy("pyarrow.compute"), _Lazy("pyarrow.parquet")
+
+
+def _features():
+    return datasets.Features({"text": datasets.Value("string"), "error": datasets.Value("string")})
 _READ_CHUNK = 64  # documents read together
 _TOKENIZE_CHARS = 1 << 20  # characters tokenized in one call (fewer documents when they are long)
 _REPORTED = 5  # malformed lines quoted in a warning; the rest are counted
@@ -187,16 +202,16 @@ def _load_lines(files, kind, split, text_field, on_error, streaming, cache_dir, 
     """Text or JSON Lines files through fa_jax's own line reader, into datasets."""
     gen_kwargs = {"files": files, "kind": kind, "split": split, "text_field": text_field, "on_error": on_error}
     if streaming:
-        return datasets.IterableDataset.from_generator(_read_files, features=_FEATURES,
+        return datasets.IterableDataset.from_generator(_read_files, features=_features(),
                                                        gen_kwargs={**gen_kwargs, "error_rows": False}
                                                        ).remove_columns("error")
     stamp = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     fingerprint = hashlib.sha256(json.dumps(["fa_jax.data/1", kind, split, text_field, on_error, stamp])
                                  .encode()).hexdigest()[:32]
     try:
-        ds = datasets.Dataset.from_generator(_read_files, features=_FEATURES, cache_dir=cache_dir,
+        ds = datasets.Dataset.from_generator(_read_files, features=_features(), cache_dir=cache_dir,
                                              gen_kwargs={**gen_kwargs, "error_rows": True}, fingerprint=fingerprint)
-    except DatasetGenerationError as e:  # datasets wraps what the reader raised
+    except datasets_exceptions.DatasetGenerationError as e:  # datasets wraps what the reader raised
         if isinstance(e.__cause__, FaJaxError):
             raise e.__cause__ from None
         raise
