@@ -17,7 +17,9 @@ Settings per target (the README's table has what `fa-jax compile` measured for e
     v5p-8   (4 x 95 GiB)   model.remat=none          (FSDP over 4 chips, 16 rows each)
     v5e-256 (256 x 16 GiB) mesh.shape=[-1,8,1] data.batch_size=256 model.remat=none
                            (FSDP within each host's 8 chips, data parallel over the 32 hosts, 1 row per chip)
-Attention is the Pallas splash kernel on TPU (model.attention=auto).
+Attention is the Pallas splash kernel on TPU (model.attention=auto). model.scan_layers=true runs the layers under
+nn.scan: on v5e-8 it compiled in 102 s instead of 410 s and needs 8.80 GiB per chip instead of 14.56 (README,
+"Scanned layers").
 """
 
 
