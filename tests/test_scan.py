@@ -129,3 +129,24 @@ def test_stacked_params_shard_like_their_layers():
             one, st = one[k], st[k]
         assert st.spec == jax.sharding.PartitionSpec(None, *one.spec), name
     assert stacked["model"]["layers"]["self_attn"]["q_proj"]["kernel"].spec[1] == "fsdp"
+
+
+def test_stack_models_keeps_shared_arrays_valid_and_shards_the_stack(hf_dirs):
+    """train.stack_models as a run calls it: a student made of the teacher's layers (sharing their arrays), on a 2x4
+    mesh; the per-layer arrays are donated except those the other model still needs, and the stacks are sharded."""
+    from fa_jax import run_config, train
+
+    cfg = run_config.merge(train.pretrain_defaults(), {"model": {"scan_layers": True}}, "test")
+    config, teacher = fa_jax.load_model(hf_dirs["llama"][0])
+    s_cfg, student = transformer.select_layers(config, teacher, [1, 0])
+    mesh = sh.make_mesh((2, 4, 1))
+    t_cfg, s_cfg = train.with_attention(cfg, config), train.with_attention(cfg, s_cfg)
+    assert t_cfg.scan_layers and s_cfg.scan_layers
+    want_t = transformer.stack_layers(config, jax.tree.map(np.asarray, teacher))
+    want_s = transformer.stack_layers(s_cfg, jax.tree.map(np.asarray, student))
+    t, s = train.stack_models(cfg, mesh, sh.DEFAULT_RULES, t_cfg, teacher, s_cfg, student)
+    for got, want in ((t, want_t), (s, want_s)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    q = t["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.shape == (2, 64, 64) and tuple(q.sharding.spec)[:2] == (None, "fsdp")

@@ -238,6 +238,7 @@ def test_remat_auto_picks_the_first_policy_that_fits(teacher_corpus, tmp_path):
     assert train.choose_step(cfg, Fake, (), 1)[1] == "dots"
 
 
+@pytest.mark.slow  # 28 s; tests/test_scan.py covers the stacking (train.stack_models) and the numbers
 def test_scan_layers_run_gives_the_losses_of_the_unrolled_run(teacher_corpus, tmp_path):
     """model.scan_layers=true on a 2x4 mesh: the teacher (2 layers) and the student made of its layers (sharing
     their arrays) stacked and sharded, a DoRA adapter initialised from the stacked student and stacked inside the
