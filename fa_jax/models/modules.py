@@ -256,12 +256,17 @@ class Layers(nn.Module):
         return x, new_caches
 
 
+def _windows(config) -> list[int]:
+    """The distinct attention windows of the model's layers (0: full attention), sorted."""
+    return sorted(set(config.window(i) for i in range(config.num_hidden_layers)))
+
+
 def scanned_layers(config, dropout_rate: float, deterministic: bool, remat, prefixed: bool, name: str):
     """The decoder layers as one `DecoderLayer` under `nn.scan`: every parameter and adapter leaf of the layers
     stacked along a leading axis of length num_hidden_layers (`transformer.stack_layers`), one layer body in the
     program however deep the model. Each layer is remat'ed with the policy of `remat`; every layer draws its own
     dropout masks. Called as (x, ctx, None, prefix) with prefix None or (keys, values) [L, N, G, K]; no cache."""
-    windows = sorted(set(config.window(i) for i in range(config.num_hidden_layers)))
+    windows = _windows(config)
     if len(windows) > 1:
         raise FaJaxError(f"model.scan_layers=true needs the same attention window in every layer; this "
                          f"{config.model_type} model has sliding windows {list(config.sliding_windows)} (set "
@@ -286,7 +291,7 @@ class Decoder(nn.Module):
     def __call__(self, tokens, positions, segment_ids=None, *, prompt=None, prefix=None, cache=None, index=None,
                  valid=None, embeddings=None):
         cfg, dtype = self.config, self.dtype
-        windows = sorted(set(cfg.window(i) for i in range(cfg.num_hidden_layers)))
+        windows = _windows(cfg)
         if embeddings is not None:  # virtual tokens, used as they are (no embedding scale)
             x = embeddings.astype(dtype)
         else:
