@@ -24,7 +24,7 @@ import sys
 import time
 
 from fa_jax import adapters as adapters_lib
-from fa_jax import aot, distributed, evaluate, readapt, run_config, runs, sft, train, treemath
+from fa_jax import aot, distributed, evaluate, precompute, readapt, run_config, runs, sft, train, treemath
 from fa_jax.config import load_config
 from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
@@ -129,6 +129,19 @@ def _run_training(args, kind: str) -> None:
     if summary.get("status") == "interrupted":
         return train.EXIT_INTERRUPTED
     return 0
+
+
+def _teacher_cache(args) -> None:
+    """`teacher-cache`: the teacher's top-k distributions over a pretrain config's stream, written once."""
+    if args.distributed:
+        distributed.initialize()
+    cfg = run_config.load(args.config, run_config.defaults("pretrain"), args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg, indent=2, default=str))
+        return
+    precompute.teacher_cache(cfg, args.out)
+    print(f"wrote {os.path.abspath(args.out)}; train from it with `fa-jax pretrain --config {args.config or '...'} "
+          f"teacher.cache={args.out}` (and the same overrides)")
 
 
 def _load_eval_adapter(path, config, keep_layers):
@@ -257,12 +270,15 @@ def _compile(args) -> None:
     aot.check_fits(report)
 
 
-def _add_run_args(s) -> None:
+def _add_run_args(s, resume: bool = True) -> None:
     s.add_argument("--config", help="Python config file defining get_config() (see configs/)")
     s.add_argument("--distributed", action="store_true",
                    help="one process per host: join the others (FA_JAX_COORDINATOR / FA_JAX_NUM_PROCESSES / "
                         "FA_JAX_PROCESS_ID, or the cluster's own detection on TPU pods, SLURM, Open MPI)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if not resume:
+        s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. teacher.top_k=128")
+        return
     s.add_argument("--force-resume", action="store_true",
                    help="resume although optimisation settings changed (more run.steps, optim.*, loss.*); "
                         "structural changes (models, data, adapter layout, seq_len, batch) are refused regardless")
@@ -290,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain", help="pre-train a foundation adapter (KD from a teacher + LM on text)")
     _add_run_args(s)
     s.set_defaults(fn=lambda a: _run_training(a, "pretrain"))
+    s = sub.add_parser("teacher-cache", help="run the teacher once over a pretrain config's data and store its "
+                       "top-k distributions (then: pretrain teacher.cache=DIR)")
+    _add_run_args(s, resume=False)
+    s.add_argument("--out", required=True, help="the cache directory (new, or a cache of this config to continue "
+                   "or extend to run.steps)")
+    s.set_defaults(fn=_teacher_cache)
     s = sub.add_parser("sft", help="fine-tune an adapter downstream (init=foundation:RUN | peft:DIR | random)")
     _add_run_args(s)
     s.set_defaults(fn=lambda a: _run_training(a, "sft"))

@@ -11,10 +11,13 @@ Axis legend: B batch, T time, C time steps in a chunk, N chunks, D model (Ds stu
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fa_jax import quant
 from fa_jax.errors import FaJaxError
 from fa_jax.sharding import constrain_batch, gathered
 
@@ -43,6 +46,58 @@ def _shared_vocab(student, teacher):
     return student[..., :v], teacher[..., :v]
 
 
+class TopK(NamedTuple):
+    """A teacher distribution kept as its k most probable tokens and one bucket for the rest (`fa-jax
+    teacher-cache`): ids [..., k] int (distinct per position, most probable first), logp [..., k] float (their
+    log-probabilities at the run's temperature over the shared vocabulary) and tail [...] (the log of the
+    probability of every other token; -inf when k is the vocabulary size). Values at masked positions are ignored."""
+    ids: jax.Array
+    logp: jax.Array
+    tail: jax.Array
+
+
+def _sparse_teacher_terms(s, ls, t: TopK, keep, divergence, beta):
+    """Per-token divergence and agreement against a `TopK` teacher, on the coarse distributions over the k cached
+    tokens plus one tail bucket (the student's bucket is its probability outside those k tokens).
+
+    s [..., V] student logits (masked rows zeroed), ls [..., V] its log-softmax at the run's temperature. The coarse
+    distributions are exact marginals of the full ones, so for k = V the result equals the full divergence (to
+    float32 rounding). For k < V, by the chain rule of KL,
+
+        KL(P || Q) = KL_coarse(P || Q) + P(tail) * KL(P(. | tail) || Q(. | tail)),
+
+    so the forward-KL term is never above the full one, and falls short by exactly the teacher's tail mass times
+    the divergence of the two distributions' shapes inside the tail; that is at most P(tail) * log(Q(tail) /
+    min over the tail of Q) and vanishes as the cached mass 1 - P(tail) -> 1. Its student gradient is the full one
+    on the k tokens; inside the tail it moves the student's mass towards P(tail) without reshaping it.
+    """
+    k, v = t.ids.shape[-1], s.shape[-1]
+    # masked rows: a uniform coarse teacher on the first k tokens (finite everywhere; their terms are dropped)
+    uniform = -float(np.log(k + (k < v)))
+    ids = jnp.where(keep[..., None], t.ids.astype(jnp.int32), jnp.arange(k, dtype=jnp.int32))
+    lt = jnp.where(keep[..., None], t.logp.astype(jnp.float32), uniform)
+    ls_k = jnp.take_along_axis(ls, ids, axis=-1)
+    if k < v:
+        index = jnp.indices(ids.shape, sparse=True)[:-1]  # broadcasting row indices, for the scatter
+        cached = jnp.zeros(ls.shape, bool).at[(*index, ids)].set(True)
+        ls_tail = jax.nn.logsumexp(jnp.where(cached, -jnp.inf, ls), axis=-1)
+        tail = jnp.where(keep, t.tail.astype(jnp.float32), uniform)
+        lt, ls_k = jnp.concatenate([lt, tail[..., None]], -1), jnp.concatenate([ls_k, ls_tail[..., None]], -1)
+    pt = jnp.exp(lt)
+    lt0 = jnp.where(pt > 0, lt, 0.0)  # 0 * log 0 = 0, with no NaN in value or gradient
+    if divergence == "forward_kl":
+        kd = jnp.sum(pt * (lt0 - ls_k), axis=-1)
+    elif divergence == "reverse_kl":
+        kd = jnp.sum(jnp.exp(ls_k) * (ls_k - lt), axis=-1)
+    else:
+        beta = jnp.asarray(beta, jnp.float32)
+        lm = jnp.logaddexp(jnp.log(beta) + lt, jnp.log1p(-beta) + ls_k)
+        kd = (beta * jnp.sum(pt * (lt0 - jnp.where(pt > 0, lm, 0.0)), axis=-1)
+              + (1.0 - beta) * jnp.sum(jnp.exp(ls_k) * (ls_k - lm), axis=-1))
+    agree = (jnp.argmax(s, axis=-1) == ids[..., 0]).astype(jnp.float32)
+    return kd, agree
+
+
 def _token_terms(s_logits, t_logits, labels, mask, temperature, divergence, beta):
     """Per-token divergence, cross-entropy and argmax agreement [...], each zero where mask is 0 (and the divergence
     and agreement zero everywhere when t_logits is None).
@@ -50,7 +105,9 @@ def _token_terms(s_logits, t_logits, labels, mask, temperature, divergence, beta
     Rows with mask 0 are replaced by zeros before any arithmetic, so inf/NaN/huge logits in padding can
     poison neither the value nor the gradient.
     """
-    s_logits, t_logits = _shared_vocab(s_logits, t_logits)
+    sparse = isinstance(t_logits, TopK)
+    if not sparse:
+        s_logits, t_logits = _shared_vocab(s_logits, t_logits)
     keep = mask > 0
     m = mask.astype(jnp.float32)
     s = jnp.where(keep[..., None], s_logits.astype(jnp.float32), 0.0)
@@ -60,6 +117,10 @@ def _token_terms(s_logits, t_logits, labels, mask, temperature, divergence, beta
     ce = -jnp.take_along_axis(ls1, label[..., None], axis=-1)[..., 0] * m
     if t_logits is None:
         return jnp.zeros_like(ce), ce, jnp.zeros_like(ce)
+    if sparse:
+        ls = ls1 if t_is_one else jax.nn.log_softmax(s / temperature, axis=-1)
+        kd, agree = _sparse_teacher_terms(s, ls, t_logits, keep, divergence, beta)
+        return kd * m, ce, agree * m
     t = jnp.where(keep[..., None], jax.lax.stop_gradient(t_logits).astype(jnp.float32), 0.0)
     ls = ls1 if t_is_one else jax.nn.log_softmax(s / temperature, axis=-1)
     lt = jax.nn.log_softmax(t / temperature, axis=-1)
@@ -162,8 +223,8 @@ def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_h
         teacher_hidden = constrain_batch(teacher_hidden)
     if teacher_head is not None:
         v = min(student_head.shape[0 if student_head_vd else 1], teacher_head.shape[0 if teacher_head_vd else 1])
-        student_head = student_head[:v] if student_head_vd else student_head[:, :v]
-        teacher_head = teacher_head[:v] if teacher_head_vd else teacher_head[:, :v]
+        student_head = quant.vocab_slice(student_head, v, student_head_vd)
+        teacher_head = quant.vocab_slice(teacher_head, v, teacher_head_vd)
     teacher_hidden = None if teacher_hidden is None else _to_chunks(jax.lax.stop_gradient(teacher_hidden), c)
     # A Python temperature stays static, so at T = 1 one student log-softmax serves both terms.
     static_temperature = float(temperature) if isinstance(temperature, (int, float)) else None
@@ -174,6 +235,60 @@ def chunked_distill_loss(student_hidden, student_head, teacher_hidden, teacher_h
                     f32(beta))
 
 
+def cached_distill_loss(student_hidden, student_head, teacher: TopK, labels, mask, *, vocab: int, alpha=0.5,
+                        temperature=1.0, divergence="forward_kl", beta=0.5, chunk_size=128, normalizer=None,
+                        student_head_vd=False):
+    """`chunked_distill_loss` against a teacher read from a top-k cache instead of computed: `teacher` a `TopK` of
+    [B, T, k] ids and log-probabilities and [B, T] tail log-masses, over the first `vocab` tokens (the vocabulary
+    the cache was written for; the student's head is cut to it). The divergence is taken between the coarse
+    distributions over the k tokens plus one tail bucket (`_sparse_teacher_terms` states its error for k < vocab;
+    with k = vocab it is the full divergence). CE and the metrics are as in `chunked_distill_loss` ("agreement"
+    compares with the teacher's top token)."""
+    _check(divergence, beta, alpha, True)
+    c = max(1, min(chunk_size, student_hidden.shape[1]))
+    mask = jnp.asarray(mask)
+    n = _normalizer(mask, normalizer)
+    student_head = gathered(jax.lax.stop_gradient(student_head),
+                            ("vocab", "embed") if student_head_vd else ("embed", "vocab"))
+    if student_head.shape[0 if student_head_vd else 1] < vocab:
+        raise FaJaxError(f"the student's vocabulary ({student_head.shape[0 if student_head_vd else 1]} tokens) is "
+                         f"smaller than the teacher cache's ({vocab})")
+    student_head = student_head[:vocab] if student_head_vd else student_head[:, :vocab]
+    student_hidden = constrain_batch(student_hidden)
+    teacher = jax.tree.map(lambda x: _to_chunks(constrain_batch(jax.lax.stop_gradient(x)), c), teacher)
+    static_temperature = float(temperature) if isinstance(temperature, (int, float)) else None
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    kind = (divergence, bool(student_head_vd), False)
+    return _chunked(kind, c, static_temperature, student_hidden, student_head, teacher, None,
+                    _to_chunks(jnp.asarray(labels), c), _to_chunks(mask, c), n, f32(alpha), f32(temperature),
+                    f32(beta))
+
+
+def teacher_topk(hidden, head, *, vocab: int, k: int, temperature=1.0, chunk_size=128, head_vd=False) -> TopK:
+    """The teacher's distribution at `temperature` over the first `vocab` tokens, as a `TopK` (float32 [B, T, k]
+    log-probabilities of its k most probable tokens, most probable first, int32 ids, [B, T] tail log-masses),
+    computed from hidden states [B, T, D] and the LM head chunk by chunk (no [B, T, V] logits). The tail is the
+    log-sum-exp of the other tokens' log-probabilities, not log(1 - sum): exact however much the top k hold."""
+    head = jax.lax.stop_gradient(head)
+    head = head[:vocab] if head_vd else head[:, :vocab]
+    B, T = hidden.shape[:2]
+    c = max(1, min(chunk_size, T))
+
+    def chunk(h):
+        lt = jax.nn.log_softmax(_head(h, head, head_vd) / temperature, axis=-1)  # [B, C, V]
+        logp, ids = jax.lax.top_k(lt, k)
+        if k < lt.shape[-1]:
+            index = jnp.indices(ids.shape, sparse=True)[:-1]
+            tail = jax.nn.logsumexp(jnp.where(jnp.zeros(lt.shape, bool).at[(*index, ids)].set(True), -jnp.inf, lt),
+                                    axis=-1)
+        else:
+            tail = jnp.full(lt.shape[:-1], -jnp.inf)
+        return ids, logp, tail
+
+    out = jax.lax.map(chunk, _to_chunks(constrain_batch(jax.lax.stop_gradient(hidden)), c))
+    return TopK(*(jnp.moveaxis(x, 0, 1).reshape(B, -1, *x.shape[3:])[:, :T] for x in out))
+
+
 def _to_chunks(x, c):
     """[B, T, ...] -> [N, B, C, ...], the time axis padded with zeros to a multiple of c."""
     x = jnp.pad(x, [(0, 0), (0, -x.shape[1] % c)] + [(0, 0)] * (x.ndim - 2))
@@ -182,7 +297,7 @@ def _to_chunks(x, c):
 
 def _head(h, head, vd):
     spec = "bcd,vd->bcv" if vd else "bcd,dv->bcv"
-    return jnp.einsum(spec, h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    return quant.einsum(spec, h, head, preferred_element_type=jnp.float32)  # head: an array or a quant.QInt8
 
 
 def chunked_token_terms(student_hidden, student_head, teacher_hidden, teacher_head, labels, mask, *,
@@ -216,7 +331,7 @@ def _chunk_loss(kind, hs, head_s, ht, head_t, labels, mask, n, alpha, temperatur
     kind = (divergence, student head is [V, D], teacher head is [V, D])."""
     divergence, s_vd, t_vd = kind
     s = _head(hs, head_s, s_vd)
-    t = None if ht is None else _head(ht, head_t, t_vd)
+    t = ht if ht is None or isinstance(ht, TopK) else _head(ht, head_t, t_vd)
     kd, ce, agree = _token_terms(s, t, labels, mask, temperature, divergence, beta)
     kd, ce, agree = jnp.sum(kd), jnp.sum(ce), jnp.sum(agree)
     return (alpha * temperature ** 2 * kd + (1.0 - alpha) * ce) / n, (kd, ce, agree)

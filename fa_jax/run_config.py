@@ -187,6 +187,17 @@ def pretrain_defaults() -> dict:
         },
         "adapter": adapters_lib.adapter_defaults(),  # kind: lora | dora | bottleneck | prompt_tuning | ...
         "loss": {"alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5, "chunk_size": 128},
+        "teacher": {
+            # a directory written by `fa-jax teacher-cache`: the KD term reads the teacher's top-k log-probabilities
+            # from it and no teacher is loaded (fa_jax/teacher_cache.py)
+            "cache": None,
+            # tokens kept per position: `fa-jax teacher-cache` writes this many (None: 64); a run reading a cache
+            # uses this many of its tokens, the rest folded into the tail bucket (None: all the cache holds)
+            "top_k": None,
+            "cache_dtype": "float16",  # the cache's log-probabilities: float16 | bfloat16 | float32
+            # the live teacher's weights: None (as model.dtype) | "int8" (per-channel scales; fa_jax/quant.py)
+            "quantize": None,
+        },
         "data": {"train": None, "text_split": "paragraph", "text_field": "text", "seq_len": 256,
                  "batch_size": 4,  # global rows per step, over all processes
                  "seed": 0, "on_error": "skip", "streaming": False, "add_bos": True, "add_eos": True},

@@ -42,11 +42,14 @@ FREE_KEYS = ("run.out_dir", "run.log_every", "run.save_every", "run.keep_checkpo
              "run.tensorboard", "run.export_peft", "run.peak_flops", "run.memory_budget", "run.stop_after",
              "run.resume", "run.force_resume", "mesh.shape", "mesh.rules", "model.remat", "model.attention",
              "model.scan_layers",
-             "loss.chunk_size", "data.streaming",
+             "loss.chunk_size", "data.streaming", "teacher.cache_dtype",
+             # a cache may move: its id (teacher_cache) decides
+             "teacher.cache",
              # models and data files may move: their fingerprints (models.*, data.*) decide
              "model.teacher", "model.student", "data.train")
 # Prefixes / keys whose change a user may make deliberately with --force-resume.
-SAFE_KEYS = ("run.steps", "optim.", "loss.", "adapter.dropout", "model.compute_dtype")
+SAFE_KEYS = ("run.steps", "optim.", "loss.", "adapter.dropout", "model.compute_dtype", "teacher.top_k",
+             "teacher.quantize")
 
 
 def flatten(d, prefix: str = "") -> dict:
@@ -173,6 +176,7 @@ def identity(cfg, kind: str, batches_given: bool = False) -> dict:
         "models": {"teacher": model_fingerprint(m.get("teacher")), "student": model_fingerprint(m.get("student"))},
         "tokenizer": tokenizer_fingerprint(tok_source),
         "data": "given by the caller" if batches_given else data_fingerprint(cfg["data"].get("train")),
+        "teacher_cache": _cache_id((cfg.get("teacher") or {}).get("cache")),
     }
     if kind == "sft":
         init = str(cfg.get("init", "random"))
@@ -182,6 +186,17 @@ def identity(cfg, kind: str, batches_given: bool = False) -> dict:
                                                                                           "adapter_config.json")
             ident["init"] = _file_digest(p) if os.path.isfile(p) else None
     return ident
+
+
+def _cache_id(path) -> str | None:
+    """The id a teacher cache records in its cache.json (fa_jax.teacher_cache), None for none or an unreadable one."""
+    if not path:
+        return None
+    try:
+        with open(os.path.join(path, "cache.json")) as f:
+            return json.load(f).get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def differences(old: dict, new: dict) -> dict:

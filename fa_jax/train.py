@@ -24,7 +24,8 @@ from jax.experimental import multihost_utils
 
 from fa_jax import adapters as adapters_lib
 from fa_jax import data as data_lib
-from fa_jax import losses, lora, optim, rundir, run_config, runs, validation
+from fa_jax import losses, lora, optim, quant, rundir, run_config, runs, validation
+from fa_jax import teacher_cache as tc
 from fa_jax import sharding as sh
 from fa_jax.checkpoint import Checkpointer, abstract_like
 from fa_jax.embedded import resolve_model_path
@@ -40,14 +41,26 @@ from fa_jax.run_config import pretrain_defaults  # noqa: F401  (public here too:
 # ----------------------------------------------------------------------------------------------- the step
 
 
-def make_loss_fn(student_cfg, teacher_cfg, loss_cfg, compute_dtype=None, dropout=0.0, remat=False):
-    """loss_fn(adapters, student, teacher, batch, normalizer, rng) -> (loss, metrics)."""
+def make_loss_fn(student_cfg, teacher_cfg, loss_cfg, compute_dtype=None, dropout=0.0, remat=False,
+                 cache_vocab=None):
+    """loss_fn(adapters, student, teacher, batch, normalizer, rng) -> (loss, metrics).
+
+    cache_vocab: the teacher comes from a top-k cache (`fa_jax.teacher_cache`) over this many tokens, as the batch's
+    `teacher_ids` / `teacher_logp` / `teacher_tail`; `teacher` is then unused."""
     with_teacher = float(loss_cfg["alpha"]) > 0
 
     def loss_fn(adapters, student, teacher, batch, normalizer, rng):
         kw = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], dtype=compute_dtype)
         h_s = transformer.hidden_states(student_cfg, student, batch["tokens"], adapters, dropout_rate=dropout,
                                         rng=rng, remat=remat, **kw)
+        if cache_vocab is not None:
+            head_s, s_vd = transformer.lm_head(student_cfg, student)
+            cached = losses.TopK(batch["teacher_ids"], batch["teacher_logp"], batch["teacher_tail"])
+            return losses.cached_distill_loss(
+                h_s, head_s, cached, batch["labels"], batch["mask"], vocab=cache_vocab,
+                alpha=float(loss_cfg["alpha"]), temperature=float(loss_cfg["temperature"]),
+                divergence=loss_cfg["divergence"], beta=float(loss_cfg["beta"]),
+                chunk_size=int(loss_cfg["chunk_size"]), normalizer=normalizer, student_head_vd=s_vd)
         h_t, (head_t, t_vd) = None, (None, False)
         if with_teacher:
             h_t = jax.lax.stop_gradient(transformer.hidden_states(teacher_cfg, teacher, batch["tokens"], **kw))
@@ -176,13 +189,19 @@ def jit_train_step(step, state, student, teacher, mesh, rules):
 
 
 def load_models(cfg, mesh, rules):
-    """(teacher_cfg, teacher, student_cfg, student, tokenizer), each model sharded by the rule table as it loads."""
+    """(teacher_cfg, teacher, student_cfg, student, tokenizer), each model sharded by the rule table as it loads.
+    With `teacher.cache` no teacher is loaded (teacher_cfg and teacher are None; the tokenizer is still the
+    teacher's, and the student defaults to the teacher's weights as ever); with `teacher.quantize` the teacher's
+    weights are quantized (`fa_jax.quant`), never the student's."""
     rule_set = sh.Rules(mesh, rules)
     teacher_path = resolve_model_path(cfg.model.teacher)
-    teacher_cfg, teacher = load_model(teacher_path, dtype=cfg.model.dtype, sharding=rule_set)
+    cached = _teacher_setting(cfg, "cache") is not None
+    teacher_cfg, teacher = (None, None) if cached else load_model(teacher_path, dtype=cfg.model.dtype,
+                                                                  sharding=rule_set)
     tokenizer = load_tokenizer(teacher_path)
     if cfg.model.student in (None, cfg.model.teacher):
-        student_cfg, student = teacher_cfg, teacher  # the same arrays, not a copy
+        student_cfg, student = (teacher_cfg, teacher) if not cached else load_model(
+            teacher_path, dtype=cfg.model.dtype, sharding=rule_set)  # (the same arrays as the teacher's, not a copy)
     else:
         student_path = resolve_model_path(cfg.model.student)
         student_cfg, student = load_model(student_path, dtype=cfg.model.dtype, sharding=rule_set)
@@ -191,7 +210,31 @@ def load_models(cfg, mesh, rules):
         student_cfg, student = transformer.select_layers(student_cfg, student, cfg.model.keep_layers)
     teacher_cfg, student_cfg = with_attention(cfg, teacher_cfg), with_attention(cfg, student_cfg)
     teacher, student = stack_models(cfg, mesh, rules, teacher_cfg, teacher, student_cfg, student)
+    teacher = quantized_teacher(cfg, teacher_cfg, teacher)
     return teacher_cfg, teacher, student_cfg, student, tokenizer
+
+
+def load_teacher(cfg, mesh, rules):
+    """(teacher_cfg, teacher, tokenizer): the teacher alone, as `load_models` prepares it (sharded, its layers
+    stacked under model.scan_layers, quantized under teacher.quantize)."""
+    teacher_path = resolve_model_path(cfg.model.teacher)
+    teacher_cfg, teacher = load_model(teacher_path, dtype=cfg.model.dtype, sharding=sh.Rules(mesh, rules))
+    teacher_cfg = with_attention(cfg, teacher_cfg)
+    teacher, _ = stack_models(cfg, mesh, rules, teacher_cfg, teacher, None, None)
+    return teacher_cfg, quantized_teacher(cfg, teacher_cfg, teacher), load_tokenizer(teacher_path)
+
+
+def _teacher_setting(cfg, key):
+    return (cfg.get("teacher") or {}).get(key)
+
+
+def quantized_teacher(cfg, teacher_cfg, teacher):
+    """The teacher's weights as `teacher.quantize` says (None: unchanged). Arrays the student shares stay as they
+    are for the student: the quantized copies are new arrays."""
+    mode = _teacher_setting(cfg, "quantize")
+    if mode is None or teacher is None:
+        return teacher
+    return quant.quantize_params(teacher_cfg, teacher, mode=mode)
 
 
 def with_attention(cfg, model_cfg):
@@ -380,6 +423,7 @@ class RowStreams:
 # --------------------------------------------------------------------------------------------- the loop
 
 
+BATCH_KEYS = ("tokens", "labels", "mask", "segment_ids", "positions")  # int32 [B, T] (plus tc.KEYS when cached)
 EXIT_INTERRUPTED = 75  # the command's exit status after SIGTERM / SIGINT with a checkpoint saved (EX_TEMPFAIL)
 
 
@@ -426,21 +470,39 @@ def pretrain(cfg, batches=None) -> dict:
     mesh = sh.make_mesh(cfg.mesh.shape)
     if batches is None:
         validate(cfg, mesh)
+    cache = None if _teacher_setting(cfg, "cache") is None else tc.Cache(cfg.teacher.cache)  # (missing: an error now)
     with open_run(cfg, "pretrain", batches is not None) as run:
         if run.finished is not None:
             return run.finished
         rules = mesh_rules(cfg)
         teacher_cfg, teacher, student_cfg, student, tokenizer = load_models(cfg, mesh, rules)
         if batches is None:
-            d = cfg.data
-            docs = data_lib.load_documents(d.train, split=d.text_split, text_field=d.text_field, on_error=d.on_error,
-                                           streaming=bool(d.streaming))
-            batches = RowStreams(docs, tokenizer, seq_len=int(d.seq_len), global_rows=int(d.batch_size),
-                                 seed=int(d.seed), add_bos=d.add_bos, add_eos=d.add_eos, on_error=d.on_error,
-                                 streaming=bool(d.streaming), split=d.text_split, text_field=d.text_field,
-                                 name=f"data.train={d.train}")
+            batches = pretrain_batches(cfg, tokenizer)
+        if cache is not None:
+            batches = cached_batches(cfg, cache, student_cfg, batches)
         return train_loop(cfg, mesh, rules, run.path, (teacher_cfg, teacher, student_cfg, student), batches,
                           desc="pretrain")
+
+
+def cached_batches(cfg, cache, student_cfg, batches) -> "tc.CachedBatches":
+    """`batches` with the teacher's cached entries added, after checking that `cache` was written for this run
+    (teacher, tokenizer, data, packing, temperature, vocabulary) and holds this process's rows for run.steps."""
+    B, P, p = int(cfg.data.batch_size), jax.process_count(), jax.process_index()
+    rows = (p * B // P, (p + 1) * B // P)
+    cache.check(cfg, tc.run_vocab(cfg, student_cfg), rows, int(cfg.run.steps))
+    top_k = _teacher_setting(cfg, "top_k")
+    return tc.CachedBatches(batches, cache, rows, None if top_k is None else int(top_k))
+
+
+def pretrain_batches(cfg, tokenizer) -> "RowStreams":
+    """The pre-training stream of `cfg.data`: this process's rows of every global batch (`fa-jax teacher-cache`
+    walks the same stream)."""
+    d = cfg.data
+    docs = data_lib.load_documents(d.train, split=d.text_split, text_field=d.text_field, on_error=d.on_error,
+                                   streaming=bool(d.streaming))
+    return RowStreams(docs, tokenizer, seq_len=int(d.seq_len), global_rows=int(d.batch_size), seed=int(d.seed),
+                      add_bos=d.add_bos, add_eos=d.add_eos, on_error=d.on_error, streaming=bool(d.streaming),
+                      split=d.text_split, text_field=d.text_field, name=f"data.train={d.train}")
 
 
 def open_run(cfg, kind: str, batches_given: bool):
@@ -490,16 +552,19 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
     state, optimizer, schedule = init_state(cfg, student_cfg, mesh, rules, adapters, student)
 
     batch_sh = sh.batch_sharding(mesh, rules)
+    cached = isinstance(batches, tc.CachedBatches)
 
     def build(remat):
         loss_fn = make_loss_fn(student_cfg, teacher_cfg, cfg.loss, cfg.model.compute_dtype,
-                               float(cfg.adapter.dropout), remat)
+                               float(cfg.adapter.dropout), remat, cache_vocab=batches.cache.vocab if cached else None)
         step = make_train_step(loss_fn, optimizer, schedule, int(cfg.optim.grad_accum), batch_sh)
         return jit_train_step(step, state, student, teacher, mesh, rules)
 
     shape = (int(cfg.data.batch_size), int(cfg.data.seq_len))
-    batch_shapes = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
-                    for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
+    batch_shapes = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in BATCH_KEYS}
+    if cached:
+        batch_shapes.update({k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh)
+                             for k, (s, d) in batches.shapes(*shape).items()})
     budget = None
     if cfg.model.remat == "auto":
         budget = memory_budget(cfg, device=mesh.devices.flat[0])
@@ -521,7 +586,7 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
     logger = MetricsLogger(out_dir, steps, start, tensorboard=bool(cfg.run.tensorboard), desc=desc)
     n_tokens = int(cfg.data.batch_size) * int(cfg.data.seq_len)
     flops = kd_step_flops(transformer.count_params(student_cfg), transformer.count_params(teacher_cfg), n_tokens,
-                          with_teacher=float(cfg.loss.alpha) > 0)
+                          with_teacher=float(cfg.loss.alpha) > 0 and not cached)
     peak = peak_flops_per_device(cfg.run.peak_flops)
     pending, t_last, n_since, last = [], None, 0, {}
     step = start
@@ -530,8 +595,8 @@ def train_loop(cfg, mesh, rules, out_dir, models, batches, *, desc: str, adapter
             local = next(batches)
             # (a step compiled ahead of time by model.remat=auto takes exactly the int32 batch it was compiled for)
             batch = {k: jax.make_array_from_process_local_data(
-                batch_sh, np.asarray(local[k], np.int32 if budget is not None else None))
-                     for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
+                batch_sh, np.asarray(local[k], np.int32 if budget is not None and k in BATCH_KEYS else None))
+                     for k in batch_shapes}
             state, metrics = step_fn(state, student, teacher, batch)
             step += 1
             pending.append(metrics)

@@ -24,6 +24,9 @@ from fa_jax.memory import parse_bytes
 from fa_jax.models import attention_kernels, transformer
 from fa_jax.sharding import MESH_AXES
 
+CACHE_DTYPES = ("float16", "bfloat16", "float32")  # fa_jax.teacher_cache.DTYPES
+QUANTIZE_MODES = ("int8",)  # fa_jax.quant
+
 # Storage / compute dtypes of model weights (model.dtype, model.compute_dtype, convert/merge --dtype).
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # lora.init_lora's `init` values (adapter.init).
@@ -43,6 +46,7 @@ def check_run_config(cfg, kind: str, batches_given: bool = False) -> None:
     _check_model(c, kind)
     _check_adapter(c)
     _check_loss(c)
+    _check_teacher(c, kind)
     _check_optim(c)
     _check_data(c, kind, batches_given)
     _check_mesh(c)
@@ -216,6 +220,25 @@ def _check_loss(c) -> None:
     else:
         _number("loss.beta", beta, 0, 1)
     _integer("loss.chunk_size", c.get("loss.chunk_size"), 1)
+
+
+def _check_teacher(c, kind) -> None:
+    cache, quantize, top_k = c.get("teacher.cache"), c.get("teacher.quantize"), c.get("teacher.top_k")
+    _string("teacher.cache", cache, optional=True)
+    _integer("teacher.top_k", top_k, 1, optional=True)
+    _choice("teacher.cache_dtype", c.get("teacher.cache_dtype"), CACHE_DTYPES)
+    if quantize is not None:
+        _choice("teacher.quantize", quantize, QUANTIZE_MODES, " or None")
+    if cache is None:
+        return
+    if kind != "pretrain":
+        raise FaJaxError(f"teacher.cache={cache}: only `fa-jax pretrain` reads a teacher cache (it holds the "
+                         "pre-training stream); expected None")
+    if float(c.get("loss.alpha")) == 0:
+        raise FaJaxError(f"teacher.cache={cache} with loss.alpha=0: there is no teacher term to read it for")
+    if quantize is not None:
+        raise FaJaxError(f"teacher.quantize={quantize!r} with teacher.cache={cache}: a cached run loads no "
+                         "teacher (quantize when writing the cache); expected None")
 
 
 def _check_optim(c) -> None:

@@ -6,7 +6,8 @@ import os
 
 from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
-from fa_jax.io.gguf import load_gguf
+from fa_jax.config import load_config
+from fa_jax.io.gguf import gguf_config, load_gguf
 from fa_jax.io.hf import load_hf
 
 
@@ -26,6 +27,14 @@ def load_model(path: str, dtype="float32", sharding=None):
     if os.path.isfile(path):
         raise FaJaxError(f"{path}: expected a Hugging Face model directory or a .gguf file")
     return load_hf(path, dtype=dtype, sharding=sharding)
+
+
+def load_model_config(path: str):
+    """The `ModelConfig` of a Hugging Face directory, a .gguf file or an embedded model name, no weights read."""
+    path = resolve_model_path(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return gguf_config(path)
+    return load_config(path)
 
 
 def load_tokenizer(path: str):
