@@ -1,6 +1,9 @@
 """One process of the two-process pre-training test (run by tests/test_multiprocess.py, not by pytest itself).
 
-    python tests/multiprocess_pretrain.py PROCESS_ID PORT CONFIG_JSON
+    python tests/multiprocess_pretrain.py PROCESS_ID PORT CONFIG_JSON [CACHE_DIR CACHED_CONFIG_JSON]
+
+With CACHE_DIR, the two processes then write the teacher cache of CONFIG_JSON there (each its own rows) and train
+CACHED_CONFIG_JSON (which reads it).
 """
 import json
 import os
@@ -21,3 +24,9 @@ from jit_counts import jit_counts  # noqa: E402  (this script's directory is on 
 with jit_counts() as n:
     summary = train.pretrain(json.load(open(cfg_path)))
 print("DONE", process_id, summary["step"], n.traces["train_step"])  # traces of the step: 1, none per step
+if len(sys.argv) > 4:
+    from fa_jax import precompute  # noqa: E402
+
+    precompute.teacher_cache(json.load(open(cfg_path)), sys.argv[4])
+    summary = train.pretrain(json.load(open(sys.argv[5])))
+    print("CACHED", process_id, summary["step"])

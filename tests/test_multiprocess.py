@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from fa_jax import run_config, train
+from fa_jax import teacher_cache as tc
+from fa_jax.io.load import load_model_config
 from test_train import _cfg, _losses
 
 HERE = os.path.dirname(__file__)
@@ -34,22 +36,36 @@ def _outputs(procs, timeout=300) -> list[str]:
 
 
 def test_two_processes_equal_one(teacher_corpus, tmp_path):
+    """Two processes train like one; then they write a teacher cache (each its own rows, k = vocabulary) and train
+    from it like the live teacher; one process with 8 devices reads their cache as well."""
     root, corpus = teacher_corpus
-    over = {"run.steps": 3, "run.save_every": 2, "mesh.shape": [2, 4, 1]}
+    vocab = load_model_config(str(root / "teacher")).vocab_size
+    over = {"run.steps": 3, "run.save_every": 2, "mesh.shape": [2, 4, 1], "teacher.top_k": vocab,
+            "teacher.cache_dtype": "float32"}
     train.pretrain(_cfg(root, corpus, tmp_path / "one", **over))
     cfg = _cfg(root, corpus, tmp_path / "two", **over)
-    cfg_path = tmp_path / "cfg.json"
+    cfg_path, cached_path, cache = tmp_path / "cfg.json", tmp_path / "cached.json", str(tmp_path / "cache")
     run_config.dump(cfg, str(cfg_path))
+    run_config.dump(_cfg(root, corpus, tmp_path / "two_cached", **over, **{"teacher.cache": cache}), str(cached_path))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_pretrain.py"), str(i), str(port),
-                               str(cfg_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                               str(cfg_path), cache, str(cached_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]
     outs = _outputs(procs)
-    assert all(f"DONE {i} 3 1" in o for i, o in enumerate(outs)), outs
+    assert all(f"DONE {i} 3 1" in o and f"CACHED {i} 3" in o for i, o in enumerate(outs)), outs
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in two] == [1, 2, 3]
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
+    assert sorted(os.listdir(cache)) == ["cache.json", "rows-000000-000004", "rows-000004-000008"]
+    np.testing.assert_allclose([l for _, l in _losses(tmp_path / "two_cached")], [l for _, l in one], rtol=2e-5)
+    # another process count reads across the writers' row ranges: rows 2..5 of the step are theirs, joined
+    reader = tc.Cache(cache)
+    whole = {k: np.concatenate([reader.read(2, 0, 4)[k], reader.read(2, 4, 8)[k]]) for k in ("ids", "tokens")}
+    for k, v in reader.read(2, 2, 6).items():
+        if k in whole:
+            np.testing.assert_array_equal(v, whole[k][2:6])
     # each process saved its own data position
     states = sorted(os.listdir(tmp_path / "two" / "checkpoints" / "data_state"))
     assert "step_3.process_0.json" in states and "step_3.process_1.json" in states
