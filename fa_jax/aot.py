@@ -34,6 +34,7 @@ from fa_jax import adapters as adapters_lib
 from fa_jax import config as config_lib
 from fa_jax import hlo_stats, run_config, train
 from fa_jax import sharding as sh
+from fa_jax import teacher_cache as tc
 from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
 from fa_jax.io.atomic import write_text
@@ -302,19 +303,45 @@ def _models(cfg, kind, mesh, rules, with_teacher=None):
     return teacher_cfg, teacher, student_cfg, student, notes
 
 
+def cache_batch(cfg, student_cfg, B: int, T: int):
+    """({entry: (shape, dtype)}, vocab, note) of the teacher-cache entries a `teacher.cache` run's batch carries:
+    the cache's own k and dtypes where teacher.cache names one, else teacher.top_k (64) and teacher.cache_dtype."""
+    teacher_vocab = model_config(cfg.model.teacher)[0].vocab_size
+    vocab = min(student_cfg.vocab_size, teacher_vocab)
+    path, top_k = cfg.teacher.cache, cfg.teacher.top_k
+    if os.path.isfile(os.path.join(path, tc.META)):
+        meta = tc.read_meta(path)
+        k, dtype, vocab = int(top_k or meta["k"]), meta["dtype"], int(meta["vocab"])
+        note = f"teacher.cache={path}: k={k} of its {meta['k']} tokens, {dtype} log-probabilities"
+    else:
+        k, dtype = int(top_k or tc.DEFAULT_TOP_K), cfg.teacher.cache_dtype
+        note = (f"teacher.cache={path} is not a cache here: compiled for k={k} and {dtype} log-probabilities "
+                "(teacher.top_k, teacher.cache_dtype)")
+    ids = tc.ids_dtype(vocab)
+    return ({"teacher_ids": ((B, T, k), ids), "teacher_logp": ((B, T, k), tc.DTYPES[dtype]),
+             "teacher_tail": ((B, T), np.dtype(np.float32))}, vocab, note + "; no teacher in memory")
+
+
 def training_program(cfg, kind: str, mesh, remat=None) -> tuple[Program, list]:
     """The jitted training step of `fa-jax pretrain` / `sft` for `cfg` over `mesh`, with abstract arguments."""
     rules = train.mesh_rules(cfg)
     train.validate_shapes(cfg, mesh)
-    teacher_cfg, teacher, student_cfg, student, notes = _models(cfg, kind, mesh, rules)
+    cached = kind == "pretrain" and (cfg.get("teacher") or {}).get("cache") is not None
+    teacher_cfg, teacher, student_cfg, student, notes = _models(cfg, kind, mesh, rules,
+                                                                with_teacher=False if cached else None)
     state, optimizer, schedule = train.state_shapes(cfg, student_cfg, mesh, rules)
     batch_sh = sh.batch_sharding(mesh, rules)
     B, T = int(cfg.data.batch_size), int(cfg.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sh)
-             for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sh) for k in train.BATCH_KEYS}
+    cache_vocab = None
+    if cached:
+        batch_entries, cache_vocab, note = cache_batch(cfg, student_cfg, B, T)
+        batch.update({k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+                      for k, (shape, dtype) in batch_entries.items()})
+        notes.append(note)
     remat = train.remat_setting(cfg) if remat is None else remat
     loss_fn = train.make_loss_fn(student_cfg, teacher_cfg or student_cfg, cfg.loss, cfg.model.compute_dtype,
-                                 float(cfg.adapter.dropout), remat)
+                                 float(cfg.adapter.dropout), remat, cache_vocab=cache_vocab)
     step = train.make_train_step(loss_fn, optimizer, schedule, int(cfg.optim.grad_accum), batch_sh)
     teacher_arg = {} if teacher is None else teacher
     fn = train.jit_train_step(step, state, student, teacher_arg, mesh, rules)

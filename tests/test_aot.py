@@ -318,3 +318,19 @@ def test_two_slices_put_the_data_axis_across_them(tiny_dir):
     prog = rep["programs"][0]
     dcn = aot.roofline(aot.CHIPS["v5e"], 0, 0, 0, prog["per_chip"]["arguments"]["adapters"])["dcn_s"]
     assert prog["estimate"]["dcn_s"] == pytest.approx(dcn)  # 2 (2-1)/2 = 1 x the adapters' bytes
+
+
+@needs_libtpu
+def test_a_cached_teacher_run_holds_no_teacher(tiny_dir):
+    """teacher.cache: the step compiles with the cache's entries in the batch (k = 64 float16 log-probabilities,
+    uint16 ids, float32 tail per position, split by rows) and no teacher weights; the live-teacher step holds the
+    teacher (here the same arrays as the student)."""
+    kw = dict(loss={"alpha": 0.5}, mesh={"shape": [-1, 1, 1]})
+    live = aot.compile_report(run_cfg(tiny_dir, **kw), "v5e:2x2")["programs"][0]
+    cached = aot.compile_report(run_cfg(tiny_dir, teacher={"cache": "not/there"}, **kw), "v5e:2x2")["programs"][0]
+    assert live["per_chip"]["arguments"]["teacher"] == hand_param_bytes(1)
+    assert cached["per_chip"]["arguments"]["teacher"] == 0
+    rows, T, k = 8 // 4, 128, 64
+    extra = rows * T * (k * (2 + 2) + 4)
+    assert cached["per_chip"]["arguments"]["batch"] - live["per_chip"]["arguments"]["batch"] == extra
+    assert cached["flops"]["model_per_chip"] < live["flops"]["model_per_chip"]
