@@ -15,6 +15,12 @@ loss = 0.5 * forward KL (T = 1) + 0.5 * CE, AdamW on the adapters only. Variants
   fa_jax_scan    fa_jax with model.scan_layers=true (both models' layers under nn.scan, weights stacked).
   fa_jax_baseline  fa_jax as of the git revision --baseline REV (its own copy of this script, from a detached git
                  worktree): before/after figures of a change, measured in the same interleaved run.
+  fa_jax_cache   fa_jax with teacher.cache: no teacher is loaded; each step reads the teacher's top-64 float16
+                 log-probabilities of its batch from a cache directory (`fa_jax.teacher_cache`, the reader
+                 `fa-jax pretrain` uses) and the KD term is the sparse one with a tail bucket. The timed step includes
+                 that read and its transfer. The cache is written once, before the rounds, by the live teacher
+                 (its time and size are reported; not part of the step).
+  fa_jax_int8    fa_jax with teacher.quantize=int8 (the live teacher's weights int8, per-channel scales).
 
 Each variant runs in its own subprocess; the variants are interleaved over --rounds rounds (the order rotates each
 round) because this machine's speed drifts. Per variant the first step (compilation) and --warmup more steps are
@@ -45,14 +51,17 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("fa_jax", "fa_jax_scan", "fa_jax_baseline", "torch_eager", "torch_compile")
+VARIANTS = ("fa_jax", "fa_jax_scan", "fa_jax_baseline", "fa_jax_cache", "fa_jax_int8", "torch_eager",
+            "torch_compile")
 DEFAULT_VARIANTS = ("fa_jax", "torch_eager", "torch_compile")
 LABELS = {"fa_jax": "fa_jax (jit)", "fa_jax_scan": "fa_jax scan", "fa_jax_baseline": "fa_jax baseline",
-          "torch_eager": "torch eager", "torch_compile": "torch.compile"}
+          "fa_jax_cache": "fa_jax cache", "fa_jax_int8": "fa_jax int8", "torch_eager": "torch eager",
+          "torch_compile": "torch.compile"}
+CACHE_K, CACHE_DTYPE = 64, "float16"
 TUNABLES = "glibc.malloc.hugetlb=1"
 TEACHER = "embedded:smollm2-135m-instruct"
 ALPHA, TEMPERATURE, RANK, LORA_ALPHA, LR = 0.5, 1.0, 8, 16.0, 1e-3
-TARGETS = {"tokens_vs_eager": 2.0, "tokens_vs_compile": 1.3, "memory_vs_eager": 0.7}
+TARGETS = {"tokens_vs_eager": 2.0, "tokens_vs_compile": 1.3, "memory_vs_eager": 0.7, "tokens_cache_vs_live": 1.7}
 
 
 # ------------------------------------------------------------------------------------------ shared helpers
@@ -175,16 +184,10 @@ def matmul_rate(m: int = 1024, k: int = 576, n: int = 1536, seconds: float = 1.5
 
 
 
-def bench_fa_jax(args, scan: bool = False) -> dict:
-    import jax
-    import numpy as np
-
+def bench_config(args, variant: str = "fa_jax"):
+    """The run config of the fa_jax variants (configs/pretrain_smollm2.py with the benchmark's setting)."""
     from fa_jax import run_config, train
-    from fa_jax import sharding as sh
-    from fa_jax.metrics import kd_step_flops, peak_flops_per_device
-    from fa_jax.models import transformer
 
-    t0 = time.perf_counter()
     config_file = os.path.join(ROOT, "configs", "pretrain_smollm2.py")
     cfg = run_config.load(config_file if os.path.exists(config_file) else None, train.pretrain_defaults())
     overrides = {
@@ -199,20 +202,91 @@ def bench_fa_jax(args, scan: bool = False) -> dict:
     }
     if args.chunk_size:
         overrides["loss"]["chunk_size"] = args.chunk_size
-    if scan:
+    if variant == "fa_jax_scan":
         overrides["model"]["scan_layers"] = True
+    if variant == "fa_jax_cache":
+        overrides["teacher"] = {"cache": args.cache_dir}
+    if variant == "fa_jax_int8":
+        overrides["teacher"] = {"quantize": "int8"}
     if args.remat != "config":
         remat = run_config.parse_value(args.remat)
         overrides["model"]["remat"] = {False: "none", True: "full"}.get(remat, remat)
-    cfg = run_config.merge(cfg, overrides, "bench_kd_step")
+    return run_config.merge(cfg, overrides, "bench_kd_step")
+
+
+def build_cache(args) -> dict:
+    """Write the teacher cache of the benchmark's batches (top CACHE_K tokens, CACHE_DTYPE) to args.cache_dir in
+    the format of `fa-jax teacher-cache`, with the live teacher; returns its time and size."""
+    import jax
+    import numpy as np
+
+    from fa_jax import losses, train
+    from fa_jax import sharding as sh
+    from fa_jax import teacher_cache as tc
+    from fa_jax.io.atomic import write_text
+    from fa_jax.models import transformer
+
+    t0 = time.perf_counter()
+    cfg = bench_config(args)
+    mesh = sh.make_mesh(cfg.mesh.shape)
+    rules = sh.DEFAULT_RULES
+    teacher_cfg, teacher, _ = train.load_teacher(cfg, mesh, rules)
+    vocab = teacher_cfg.vocab_size
+
+    @jax.jit
+    def topk(params, tokens):
+        h = transformer.hidden_states(teacher_cfg, params, tokens)
+        head, vd = transformer.lm_head(teacher_cfg, params)
+        return losses.teacher_topk(h, head, vocab=vocab, k=CACHE_K, chunk_size=int(cfg.loss.chunk_size), head_vd=vd)
+
+    batches = make_batches(1 + args.warmup + args.steps, args.batch, args.seq, vocab, args.seed)
+    ids_dtype, dtype = tc.ids_dtype(vocab), tc.DTYPES[CACHE_DTYPE]
+    buf = {"ids": [], "logp": [], "tail": [], "tokens": []}
+    mass = []
+    for b in batches:
+        out = jax.device_get(topk(teacher, b["tokens"]))
+        buf["ids"].append(out.ids.astype(ids_dtype))
+        buf["logp"].append(out.logp.astype(dtype))
+        buf["tail"].append(out.tail.astype(np.float32))
+        buf["tokens"].append(b["tokens"].astype(ids_dtype))
+        mass.append(-np.expm1(out.tail))
+    rows = os.path.join(args.cache_dir, f"rows-{0:06d}-{args.batch:06d}")
+    os.makedirs(rows, exist_ok=True)
+    covered = np.array([np.concatenate(mass).sum(), np.concatenate(mass).size])
+    tc.write_file(rows, 0, len(batches), buf, {}, covered, np.zeros(20, np.int64))
+    meta = dict(tc.identity(cfg, vocab), id="bench", k=CACHE_K, dtype=CACHE_DTYPE, ids_dtype=ids_dtype.name)
+    write_text(os.path.join(args.cache_dir, tc.META), json.dumps(meta, default=str))
+    size = sum(os.path.getsize(os.path.join(rows, f)) for f in os.listdir(rows))
+    return {"build_s": time.perf_counter() - t0, "bytes": size,
+            "bytes_per_token": size / (len(batches) * args.batch * args.seq),
+            "mean_topk_mass": float(covered[0] / covered[1])}
+
+
+def bench_fa_jax(args, variant: str = "fa_jax") -> dict:
+    import jax
+    import numpy as np
+
+    from fa_jax import train
+    from fa_jax import sharding as sh
+    from fa_jax import teacher_cache as tc
+    from fa_jax.metrics import kd_step_flops, peak_flops_per_device
+    from fa_jax.models import transformer
+
+    t0 = time.perf_counter()
+    cfg = bench_config(args, variant)
     mesh = sh.make_mesh(cfg.mesh.shape)
     rules = tuple(tuple(r) for r in cfg.mesh.rules) if cfg.mesh.rules else sh.DEFAULT_RULES
     teacher_cfg, teacher, student_cfg, student, _ = train.load_models(cfg, mesh, rules)
+    teacher_layers = (teacher_cfg or student_cfg).num_hidden_layers
+    teacher_params = transformer.count_params(teacher_cfg) if teacher_cfg else 0
+    cache = tc.Cache(args.cache_dir) if variant == "fa_jax_cache" else None
+    if cache is not None:
+        teacher_cfg, teacher, teacher_layers = student_cfg, {}, 0
     state, optimizer, schedule = train.init_state(cfg, student_cfg, mesh, rules)
     batch_sh = sh.batch_sharding(mesh, rules)
     remat = train.remat_setting(cfg)
     loss_fn = train.make_loss_fn(student_cfg, teacher_cfg, cfg.loss, cfg.model.compute_dtype,
-                                 float(cfg.adapter.dropout), remat)
+                                 float(cfg.adapter.dropout), remat, cache_vocab=cache and cache.vocab)
     step = train.make_train_step(loss_fn, optimizer, schedule, int(cfg.optim.grad_accum), batch_sh)
     step_fn = train.jit_train_step(step, state, student, teacher, mesh, rules)  # the very jit call of `pretrain`
     n = 1 + args.warmup + args.steps
@@ -222,12 +296,19 @@ def bench_fa_jax(args, scan: bool = False) -> dict:
     load_s = time.perf_counter() - t0
     rss_after_load = reset_peak_memory()
 
+    def cached_entries(i):  # what train.CachedBatches adds to a batch: read from disk, then sent to the device
+        got = cache.read(i, 0, args.batch)
+        return {k: jax.make_array_from_process_local_data(batch_sh, got[key])
+                for k, key in zip(tc.KEYS, ("ids", "logp", "tail"))}
+
     times, first, load = [], None, OtherLoad()
     for i, batch in enumerate(batches):
         if i == 1 + args.warmup:
             peak_first = clear_peak()  # the peak of the compile/first and warm-up steps
             load.__enter__()
         t = time.perf_counter()
+        if cache is not None:
+            batch = dict(batch, **cached_entries(i))
         state, metrics = step_fn(state, student, teacher, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
@@ -241,9 +322,13 @@ def bench_fa_jax(args, scan: bool = False) -> dict:
            "peak_rss_steady_kb": _status_kb("VmHWM"),
            "platform": dev.platform, "device_kind": dev.device_kind, "jax": jax.__version__,
            "chunk_size": int(cfg.loss.chunk_size), "remat": remat, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "flops_per_step": kd_step_flops(transformer.count_params(student_cfg),
-                                           transformer.count_params(teacher_cfg), args.batch * args.seq),
-           "student_layers": student_cfg.num_hidden_layers, "teacher_layers": teacher_cfg.num_hidden_layers}
+           "flops_per_step": kd_step_flops(transformer.count_params(student_cfg), teacher_params,
+                                           args.batch * args.seq, with_teacher=cache is None),
+           "student_layers": student_cfg.num_hidden_layers, "teacher_layers": teacher_layers}
+    if teacher_params and cache is None:
+        from fa_jax import quant
+
+        out["teacher_weight_bytes"] = quant.param_bytes(teacher)
     out["matmul_gflops"] = matmul_rate()
     peak = peak_flops_per_device(None)
     if peak:
@@ -346,8 +431,10 @@ def bench_torch(args, compiled: bool) -> dict:
 
 
 def worker(args) -> None:
-    if args.worker in ("fa_jax", "fa_jax_scan"):
-        result = bench_fa_jax(args, scan=args.worker == "fa_jax_scan")
+    if args.worker == "build_cache":
+        result = build_cache(args)
+    elif args.worker.startswith("fa_jax"):
+        result = bench_fa_jax(args, args.worker)
     elif args.worker == "torch_eager":
         result = bench_torch(args, compiled=False)
     else:
@@ -394,7 +481,7 @@ def _run_once(args, variant: str, round_index: int) -> dict:
     cmd = [sys.executable, script, "--worker", worker_variant, "--result", result,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--seq", str(args.seq), "--seed", str(args.seed), "--chunk-size", str(args.chunk_size or 0),
-           "--remat", args.remat]
+           "--remat", args.remat, "--cache-dir", args.cache_dir or ""]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -446,10 +533,11 @@ def ratios(summary: dict) -> dict:
         out["steady_memory_vs_eager"] = j["peak_rss_steady_gib_max"] / e["peak_rss_steady_gib_max"]
     if j and "torch_compile" in summary:
         out["tokens_vs_compile"] = j["tokens_per_s_median"] / summary["torch_compile"]["tokens_per_s_median"]
-    for other, key in (("fa_jax_baseline", "vs_baseline"), ("fa_jax_scan", "scan_vs_unrolled")):
+    for other, key in (("fa_jax_baseline", "vs_baseline"), ("fa_jax_scan", "scan_vs_unrolled"),
+                       ("fa_jax_cache", "cache_vs_live"), ("fa_jax_int8", "int8_vs_live")):
         o = summary.get(other)
         if j and o:
-            num, den = (o, j) if other == "fa_jax_scan" else (j, o)
+            num, den = (j, o) if other == "fa_jax_baseline" else (o, j)
             out[f"tokens_{key}"] = num["tokens_per_s_median"] / den["tokens_per_s_median"]
             out[f"memory_{key}"] = num["peak_rss_gib_max"] / den["peak_rss_gib_max"]
             if "torch_eager" in summary:
@@ -481,7 +569,8 @@ def main(argv=None) -> int:
                    help="rerun a variant whose timed steps shared the machine with more than this load")
     p.add_argument("--retries", type=int, default=2, help="reruns allowed per variant and round (default 2)")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=VARIANTS + ("build_cache",), help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -515,6 +604,24 @@ def main(argv=None) -> int:
           f"the models were loaded (peak RSS from there on: compile/first step and training steps, models "
           f"included); each run waits for the machine to be idle and is rerun when other processes used > "
           f"{args.max_other_load} cores during its timed steps", flush=True)
+
+    cache_info = None
+    if "fa_jax_cache" in variants:
+        args.cache_dir = tempfile.mkdtemp(prefix="bench_teacher_cache_")
+        fd, result = tempfile.mkstemp(prefix="bench_cache_", suffix=".json")
+        os.close(fd)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "build_cache", "--result",
+                               result, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch",
+                               str(args.batch), "--seq", str(args.seq), "--seed", str(args.seed), "--chunk-size",
+                               str(args.chunk_size or 0), "--cache-dir", args.cache_dir],
+                              env=dict(os.environ, GLIBC_TUNABLES=TUNABLES), capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"writing the teacher cache failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        with open(result) as f:
+            cache_info = json.load(f)
+        os.unlink(result)
+        print(f"teacher cache written: {cache_info['bytes'] / 2**20:.1f} MiB, {cache_info['build_s']:.0f} s",
+              flush=True)
 
     runs = {v: [] for v in variants}
     for r in range(args.rounds):
@@ -597,11 +704,28 @@ def main(argv=None) -> int:
                       ("fa_jax_baseline_tokens_vs_eager", "baseline / torch eager tokens/s"),
                       ("tokens_scan_vs_unrolled", "scan / unrolled tokens/s"),
                       ("memory_scan_vs_unrolled", "scan / unrolled peak memory"),
-                      ("fa_jax_scan_tokens_vs_eager", "scan / torch eager tokens/s")):
+                      ("fa_jax_scan_tokens_vs_eager", "scan / torch eager tokens/s"),
+                      ("tokens_cache_vs_live", "cache / live teacher tokens/s"),
+                      ("memory_cache_vs_live", "cache / live teacher peak memory"),
+                      ("tokens_int8_vs_live", "int8 / float32 teacher tokens/s"),
+                      ("memory_int8_vs_live", "int8 / float32 teacher peak memory")):
         if key in rat:
-            print(f"{text:<34}{rat[key]:6.2f}x")
+            target = (f"   target >= {TARGETS[key]}x  {'met' if rat[key] >= TARGETS[key] else 'MISSED'}"
+                      if key in TARGETS else "")
+            print(f"{text:<34}{rat[key]:6.2f}x{target}")
+    if cache_info:
+        print(f"teacher cache (top {CACHE_K}, {CACHE_DTYPE}): {cache_info['bytes_per_token']:.1f} bytes per token "
+              f"on disk; written in {cache_info['build_s']:.0f} s (teacher load and compile included) for "
+              f"{1 + args.warmup + args.steps} batches; the top {CACHE_K} hold "
+              f"{100 * cache_info['mean_topk_mass']:.2f}% of the teacher's probability on average (random tokens)")
+    weights = {v: runs[v][0].get("teacher_weight_bytes") for v in ("fa_jax", "fa_jax_int8") if v in runs}
+    if all(weights.values()) and len(weights) == 2:
+        print(f"teacher weights in memory: float32 {weights['fa_jax'] / 2**20:.0f} MiB, int8 "
+              f"{weights['fa_jax_int8'] / 2**20:.0f} MiB")
     if args.baseline_dir:
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", args.baseline_dir], capture_output=True)
+    if args.cache_dir:
+        shutil.rmtree(args.cache_dir, ignore_errors=True)
     total = time.perf_counter() - t_start
     print(f"total run time of the benchmark: {total:.0f} s")
     if args.json:
@@ -609,7 +733,8 @@ def main(argv=None) -> int:
             json.dump({"date": start.isoformat(), "host": platform.node(), "cpu": cpu_name(), "cpus": os.cpu_count(),
                        "glibc_tunables": TUNABLES, "batch": args.batch, "seq": args.seq, "steps": args.steps,
                        "rounds": args.rounds, "warmup": args.warmup, "summary": summary, "ratios": rat,
-                       "targets": TARGETS, "loss_check_relative": check, "runs": runs, "total_s": total}, f,
+                       "targets": TARGETS, "loss_check_relative": check, "runs": runs, "total_s": total,
+                       "teacher_cache": cache_info}, f,
                       indent=2)
     return 0
 
