@@ -36,16 +36,55 @@ def _local_rows(x) -> np.ndarray:
     return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
 
 
-def _topk_fn(teacher_cfg, cfg, vocab: int, k: int, mesh, rules):
+def topk_fn(teacher_cfg, vocab: int, k: int, temperature: float, chunk_size: int, compute_dtype, mesh, rules):
+    """fn(teacher, batch) -> `losses.TopK` of the batch's rows, jitted over `mesh`, split by rows."""
     def f(teacher, batch):
         h = transformer.hidden_states(teacher_cfg, teacher, batch["tokens"], segment_ids=batch["segment_ids"],
-                                      positions=batch["positions"], dtype=cfg.model.compute_dtype)
+                                      positions=batch["positions"], dtype=compute_dtype)
         head, vd = transformer.lm_head(teacher_cfg, teacher)
-        return losses.teacher_topk(h, head, vocab=vocab, k=k, temperature=float(cfg.loss.temperature),
-                                   chunk_size=int(cfg.loss.chunk_size), head_vd=vd)
+        return losses.teacher_topk(h, head, vocab=vocab, k=k, temperature=temperature, chunk_size=chunk_size,
+                                   head_vd=vd)
 
     batch_sh = sh.batch_sharding(mesh, rules)
     return sh.InMesh(jax.jit(f, out_shardings=losses.TopK(batch_sh, batch_sh, batch_sh)), mesh, rules)
+
+
+def write_rows(row_dir: str, fn, teacher, batches, *, start: int, steps: int, rows: int, seq_len: int, k: int,
+               vocab: int, dtype: str, batch_sharding, progress: bool = True) -> None:
+    """Steps [start, steps) of `batches` (this process's `rows` rows of each) through `fn` (`topk_fn`), written to
+    `row_dir` in files of about tc.FILE_BYTES, each with the data position after its last step."""
+    ids_dtype, np_dtype = tc.ids_dtype(vocab), tc.DTYPES[dtype]
+    per_step = rows * seq_len * tc.bytes_per_position(k, vocab, dtype)
+    steps_per_file = max(1, tc.FILE_BYTES // max(per_step, 1))
+    buf = {"ids": [], "logp": [], "tail": [], "tokens": []}
+    covered = np.zeros(2)  # sum of the top-k mass over scored positions, their count
+    hist = np.zeros(20, np.int64)  # scored positions by top-k mass, in bins of 0.05
+    s0 = start
+    bar = tqdm(total=steps, initial=start, desc="teacher-cache", unit="step", disable=not progress)
+    for step in range(start, steps):
+        local = next(batches)
+        batch = {key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[key], np.int32))
+                 for key in ("tokens", "segment_ids", "positions")}
+        ids, logp, tail = (_local_rows(x) for x in fn(teacher, batch))
+        mass = -np.expm1(np.minimum(tail, 0.0).astype(np.float64))[np.asarray(local["mask"]) > 0]
+        covered += (mass.sum(), mass.size)
+        hist += np.histogram(mass, bins=20, range=(0.0, 1.0))[0]
+        buf["ids"].append(ids.astype(ids_dtype))
+        buf["logp"].append(np.maximum(logp, -6e4).astype(np_dtype))  # (float16 ends at -65504; e**-6e4 is 0)
+        buf["tail"].append(tail.astype(np.float32))
+        buf["tokens"].append(np.asarray(local["tokens"]).astype(ids_dtype))
+        if len(buf["ids"]) == steps_per_file or step + 1 == steps:
+            tc.write_file(row_dir, s0, step + 1, buf, batches.state(), covered, hist)
+            buf = {key: [] for key in buf}
+            covered, hist, s0 = np.zeros(2), np.zeros(20, np.int64), step + 1
+        bar.update(1)
+    bar.close()
+
+
+def new_meta(ident: dict, k: int, dtype: str) -> dict:
+    """cache.json of a new cache: its identity, a fresh id, k and dtypes."""
+    return dict(ident, id=secrets.token_hex(8), k=k, dtype=dtype, ids_dtype=tc.ids_dtype(ident["vocab"]).name,
+                created=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def teacher_cache(cfg, out_dir: str) -> dict:
@@ -60,7 +99,6 @@ def teacher_cache(cfg, out_dir: str) -> dict:
     train.validate(cfg, mesh)
     rules = train.mesh_rules(cfg)
     k = int(cfg.teacher.top_k or tc.DEFAULT_TOP_K)
-    dtype = tc.DTYPES[cfg.teacher.cache_dtype]
     steps = int(cfg.run.steps)
     teacher_cfg, teacher, tokenizer = train.load_teacher(cfg, mesh, rules)
     vocab = tc.student_vocab(cfg, teacher_cfg)
@@ -83,8 +121,7 @@ def teacher_cache(cfg, out_dir: str) -> dict:
     elif os.path.exists(out_dir) and os.listdir(out_dir):
         raise FaJaxError(f"{out_dir}: exists and is not a teacher cache; expected a new or empty directory")
     else:
-        meta = dict(ident, id=secrets.token_hex(8), k=k, dtype=cfg.teacher.cache_dtype,
-                    ids_dtype=tc.ids_dtype(vocab).name, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        meta = new_meta(ident, k, cfg.teacher.cache_dtype)
     meta = dict(meta, steps_requested=max(steps, int(meta.get("steps_requested", 0))))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("fa_jax teacher-cache: identity checked")
@@ -103,36 +140,11 @@ def teacher_cache(cfg, out_dir: str) -> dict:
     batches = train.pretrain_batches(cfg, tokenizer)
     if start:
         batches.restore(json.loads(safetensors.SafetensorsFile(done[-1][2]).metadata["data_state"]))
-    T = int(cfg.data.seq_len)
-    ids_dtype = tc.ids_dtype(vocab)
-    per_step = (r1 - r0) * T * tc.bytes_per_position(k, vocab, cfg.teacher.cache_dtype)
-    steps_per_file = max(1, tc.FILE_BYTES // max(per_step, 1))
-    fn = _topk_fn(teacher_cfg, cfg, vocab, k, mesh, rules)
-    batch_sh = sh.batch_sharding(mesh, rules)
-    buf = {"ids": [], "logp": [], "tail": [], "tokens": []}
-    covered = np.zeros(2)  # sum of the top-k mass over scored positions, their count
-    hist = np.zeros(20, np.int64)  # scored positions by top-k mass, in bins of 0.05
-    s0 = start
-    bar = tqdm(total=steps, initial=start, desc="teacher-cache", unit="step", disable=not main)
-    for step in range(start, steps):
-        local = next(batches)
-        batch = {key: jax.make_array_from_process_local_data(batch_sh, np.asarray(local[key], np.int32))
-                 for key in ("tokens", "segment_ids", "positions")}
-        out = fn(teacher, batch)
-        ids, logp, tail = (_local_rows(x) for x in out)
-        mass = -np.expm1(np.minimum(tail, 0.0).astype(np.float64))[local["mask"] > 0]
-        covered += (mass.sum(), mass.size)
-        hist += np.histogram(mass, bins=20, range=(0.0, 1.0))[0]
-        buf["ids"].append(ids.astype(ids_dtype))
-        buf["logp"].append(np.maximum(logp, -6e4).astype(dtype))  # (float16 ends at -65504; e**-6e4 is 0)
-        buf["tail"].append(tail.astype(np.float32))
-        buf["tokens"].append(np.asarray(local["tokens"]).astype(ids_dtype))
-        if len(buf["ids"]) == steps_per_file or step + 1 == steps:
-            tc.write_file(row_dir, s0, step + 1, buf, batches.state(), covered, hist)
-            buf = {key: [] for key in buf}
-            covered, hist, s0 = np.zeros(2), np.zeros(20, np.int64), step + 1
-        bar.update(1)
-    bar.close()
+    fn = topk_fn(teacher_cfg, vocab, k, float(cfg.loss.temperature), int(cfg.loss.chunk_size),
+                 cfg.model.compute_dtype, mesh, rules)
+    write_rows(row_dir, fn, teacher, batches, start=start, steps=steps, rows=r1 - r0, seq_len=int(cfg.data.seq_len),
+               k=k, vocab=vocab, dtype=cfg.teacher.cache_dtype, batch_sharding=sh.batch_sharding(mesh, rules),
+               progress=main)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("fa_jax teacher-cache: written")
     summary = tc.summarize(out_dir)
