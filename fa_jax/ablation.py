@@ -11,6 +11,8 @@ never trained on, the same documents for every seed):
 - (a) the pruned student alone,
 - (b) + an adapter trained with the language-modelling loss only (continued pre-training, alpha = 0),
 - (c) + an adapter trained with KD + LM (alpha = 0.5, the seed's setting),
+- (c') the same, its KD term read from a top-`cache_k` teacher cache (`fa_jax.teacher_cache`; written by one teacher
+  pass over the same rows, float16): the quality cost of keeping only the teacher's top tokens (cache_k None: no row),
 - the teacher itself,
 
 by held-out perplexity, KL(teacher || student) per token and teacher-student top-1 agreement, every held-out
@@ -58,7 +60,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fa_jax import data as data_lib
-from fa_jax import jargon, lora, run_config, stats, train, treemath
+from fa_jax import jargon, lora, precompute, run_config, stats, teacher_cache, train, treemath
 from fa_jax import sharding as sh
 from fa_jax.errors import FaJaxError
 from fa_jax.evaluate import MultipleChoice, TeacherReference
@@ -146,10 +148,14 @@ def prepare(text, *, teacher: str = "embedded:smollm2-135m-instruct", student: s
 def train_adapter(setup: Setup, out_dir: str, *, alpha: float, steps: int = 60, lr: float = 2e-3,
                   warmup_steps: int = 5, rank: int = 8, lora_alpha: float = LORA_ALPHA, targets="all-linear",
                   seq_len: int = 256, batch_size: int = 4, temperature: float = 1.0, chunk_size: int = 64,
-                  remat: str | None = "full", seed: int = 0, log_every: int = 10):
+                  remat: str | None = "full", seed: int = 0, log_every: int = 10, cache_k: int | None = None):
     """Train one adapter on the student with L = alpha * KD + (1 - alpha) * LM (alpha 0: no teacher in the step);
     returns (adapters, summary of `train.train_loop`). `out_dir` is this run's own directory: a previous run there
-    is replaced. `seed` draws the adapter's init and the order of the training rows."""
+    is replaced. `seed` draws the adapter's init and the order of the training rows.
+
+    cache_k: the KD term reads the teacher's top `cache_k` tokens per position (float16, `fa_jax.teacher_cache`)
+    from a cache written first into out_dir/teacher_cache by one teacher pass over the same rows; the step then
+    holds no teacher (as `fa-jax pretrain teacher.cache=DIR` after `fa-jax teacher-cache`)."""
     if os.path.isdir(out_dir):
         if not os.path.exists(os.path.join(out_dir, "config.json")):
             raise FaJaxError(f"{out_dir}: exists and is not a training run; choose another out_dir")
@@ -171,6 +177,9 @@ def train_adapter(setup: Setup, out_dir: str, *, alpha: float, steps: int = 60, 
                                add_bos=True, add_eos=True, on_error="skip", streaming=False, split="paragraph",
                                text_field="text")
     teacher_cfg, teacher = (setup.teacher_cfg, setup.teacher) if alpha > 0 else (None, None)
+    if cache_k and alpha > 0:
+        batches = _cached(setup, cfg, os.path.join(out_dir, "teacher_cache"), int(cache_k), batches)
+        teacher_cfg, teacher = None, None
     summary = train.train_loop(cfg, setup.mesh, setup.rules, out_dir,
                                (teacher_cfg, teacher, setup.student_cfg, setup.student), batches,
                                desc=f"train alpha={alpha:g} seed {seed}")
@@ -178,6 +187,26 @@ def train_adapter(setup: Setup, out_dir: str, *, alpha: float, steps: int = 60, 
         raise FaJaxError(f"{out_dir}: stopped at step {summary['step']} of {summary['steps']} (SIGTERM); the "
                          "ablation is incomplete")
     return summary.pop("adapters"), summary
+
+
+def _cached(setup: Setup, cfg, cache_dir: str, k: int, batches):
+    """A top-k cache of the run's rows, written by the teacher into `cache_dir`, and the run's batches reading it
+    (a stream like `batches`, from its start)."""
+    vocab = min(setup.student_cfg.vocab_size, setup.teacher_cfg.vocab_size)
+    fn = precompute.topk_fn(setup.teacher_cfg, vocab, k, float(cfg.loss.temperature), int(cfg.loss.chunk_size),
+                            None, setup.mesh, setup.rules)
+    B = int(cfg.data.batch_size)
+    row_dir = os.path.join(cache_dir, f"rows-{0:06d}-{B:06d}")
+    os.makedirs(row_dir)
+    precompute.write_rows(row_dir, fn, setup.teacher, batches, start=0, steps=int(cfg.run.steps), rows=B,
+                          seq_len=int(cfg.data.seq_len), k=k, vocab=vocab, dtype="float16",
+                          batch_sharding=sh.batch_sharding(setup.mesh, setup.rules), progress=False)
+    meta = precompute.new_meta(teacher_cache.identity(cfg, vocab), k, "float16")
+    write_text(os.path.join(cache_dir, teacher_cache.META), json.dumps(meta, indent=2, default=str) + "\n")
+    fresh = train.RowStreams(setup.train_docs, setup.tokenizer, seq_len=int(cfg.data.seq_len), global_rows=B,
+                             seed=int(cfg.data.seed), add_bos=True, add_eos=True, on_error="skip", streaming=False,
+                             split="paragraph", text_field="text")
+    return teacher_cache.CachedBatches(fresh, teacher_cache.Cache(cache_dir), (0, B))
 
 
 def reference(setup: Setup, *, seq_len: int = 256, batch_size: int = 4, max_rows: int | None = 16,
@@ -340,6 +369,12 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 VARIANTS = ("pruned student", "+ CPT adapter (alpha 0)", "+ CPT+KD adapter (alpha 0.5)", "teacher")
 DIFFERENCES = ("KD - CPT", "CPT - pruned", "KD - pruned")
+CACHE_DIFFERENCES = ("KD cache - KD", "KD cache - pruned")  # the cached KD row against the live one, the pruned
+
+
+def cached_name(k: int, kd_alpha: float = 0.5) -> str:
+    """The table's name of the KD adapter trained from a top-k teacher cache."""
+    return f"+ CPT+KD adapter, top-{k} teacher cache (alpha {kd_alpha:g})"
 
 
 def format_table(rows: dict, key_name: str = "model") -> str:
@@ -383,6 +418,10 @@ def format_markdown(results: dict) -> str:
     head += [f"ΔNLL vs the other adapter{ci}", f"ΔNLL vs the pruned student{ci}"]
     other = {names[1]: ("KD - CPT", True), names[2]: ("KD - CPT", False)}
     vs_pruned = {names[1]: "CPT - pruned", names[2]: "KD - pruned"}
+    cached = CACHE_DIFFERENCES[0] in seeds[0]["differences"]
+    if cached:  # the cached KD row: against the live-teacher KD adapter
+        other[names[3]] = (CACHE_DIFFERENCES[0], False)
+        vs_pruned[names[3]] = CACHE_DIFFERENCES[1]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     if len(seeds) == 1:
         s = seeds[0]
@@ -416,7 +455,9 @@ def format_markdown(results: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     caption = [f"Held-out: {setting['documents']['held_out']} documents, {seeds[0]['models'][names[0]]['tokens']} "
                "tokens, each document scored whole; NLL in nats per token (perplexity = exp NLL). ΔNLL: the row's "
-               "per-token NLL minus the other adapter's (the pruned student's), paired by document; negative = lower."]
+               "per-token NLL minus the other adapter's (the pruned student's), paired by document; negative = lower."
+               + (f" The top-{setting.get('cache_k')} cache row's other adapter is the live-teacher KD adapter: its "
+                  "ΔNLL is the quality cost of keeping only the teacher's top tokens." if cached else "")]
     if has_mc:
         caption.append(f"MC accuracy: which of {MC_OPTIONS} terms a held-out glossary definition belongs to, by "
                        f"log-likelihood; {mc.get('items')} items, chance {1 / MC_OPTIONS:.2f}.")
@@ -429,9 +470,11 @@ def format_markdown(results: dict) -> str:
     out = " ".join(caption) + "\n\n" + "\n".join(lines) + "\n"
     if len(seeds) > 1:
         out += f"\nPer seed, {level} bootstrap intervals:\n\n"
-        short = dict(zip(names, ("pruned", "CPT", "KD", "teacher")))
+        short = dict(zip(names, ("pruned", "CPT", "KD", "KD cache", "teacher") if cached else
+                         ("pruned", "CPT", "KD", "teacher")))
         for s in seeds:
-            line = "; ".join(f"{k} {stats.format_interval(s['differences'][k], signed=True)}" for k in DIFFERENCES)
+            line = "; ".join(f"{k} {stats.format_interval(s['differences'][k], signed=True)}"
+                             for k in DIFFERENCES + (CACHE_DIFFERENCES if cached else ()))
             if has_mc:
                 line += "; MC accuracy " + ", ".join(
                     f"{short[n]} {stats.format_interval(s['models'][n]['mc_accuracy'], 2)}" for n in names)
@@ -477,7 +520,8 @@ def plot_ablation(rows: dict, path: str) -> str:
                                        ("kl", "KL(teacher || student), nats"),
                                        ("top1_agreement", "top-1 agreement with the teacher"))):
         vals = [rows[n][key] for n in names]
-        bars = ax.bar(range(len(names)), vals, color=["#999999", "#6699cc", "#cc6633", "#339966"][: len(names)])
+        colors = ["#999999", "#6699cc", "#cc6633"] + ["#e0a060"] * (len(names) - 4) + ["#339966"]
+        bars = ax.bar(range(len(names)), vals, color=colors[: len(names)])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_xticks(range(len(names)), [textwrap.fill(n, 14) for n in names], fontsize=7)
         ax.set_title(label, fontsize=9)
@@ -529,8 +573,10 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
                  rank: int = 8, seq_len: int = 256, batch_size: int = 4, kd_alpha: float = 0.5,
                  held_out_fraction: float = 0.05, sweep_rows: int = 16, min_words: int = 20, scales=SCALES,
                  taus=TAUS, seeds=(0,), split_seed: int = 0, mc_items: int | None = 100,
-                 n_resamples: int = stats.N_RESAMPLES, mesh_shape=(-1, 1, 1)) -> dict:
-    """The whole ablation (module docstring); prints the tables and returns what results.json holds."""
+                 n_resamples: int = stats.N_RESAMPLES, mesh_shape=(-1, 1, 1), cache_k: int | None = 64) -> dict:
+    """The whole ablation (module docstring); prints the tables and returns what results.json holds.
+    cache_k: also train the KD adapter from a top-`cache_k` teacher cache (a row beside the live-teacher KD row;
+    None: not)."""
     seeds = parse_seeds(seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds)))
     # checked before anything trains
     if not isinstance(sweep_rows, int) or sweep_rows < 1:
@@ -565,15 +611,18 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
     scorer = mc_scorer(setup, items) if items else None
     layers = (setup.student_cfg.num_hidden_layers, setup.teacher_cfg.num_hidden_layers)
     names = [f"pruned student ({layers[0]} of {layers[1]} layers)", VARIANTS[1],
-             f"+ CPT+KD adapter (alpha {kd_alpha:g})", VARIANTS[3]]
+             f"+ CPT+KD adapter (alpha {kd_alpha:g})"]
+    names += [cached_name(cache_k, kd_alpha)] if cache_k else []
+    names += [VARIANTS[3]]
+    teacher_name = names[-1]
     # The pruned student through an adapter with B = 0 (it adds exactly nothing): the adapters' compiled steps.
     blank = lora.init_lora(setup.student_cfg, jax.random.PRNGKey(0), rank=rank, alpha=LORA_ALPHA)
     blank = jax.device_put(blank, sh.tree_shardings(setup.student_cfg, blank, setup.mesh, setup.rules))
-    fixed = {names[0]: score(setup, ref, adapters=blank), names[3]: teacher_row(ref)}
+    fixed = {names[0]: score(setup, ref, adapters=blank), teacher_name: teacher_row(ref)}
     fixed_mc = {}
     if scorer is not None:
         fixed_mc[names[0]] = score_mc(scorer, items, setup.student_cfg, setup.student, blank)
-        fixed_mc[names[3]] = score_mc(scorer, items, setup.teacher_cfg, setup.teacher)
+        fixed_mc[teacher_name] = score_mc(scorer, items, setup.teacher_cfg, setup.teacher)
     t = lap("reference", t)
 
     kw = dict(steps=steps, lr=lr, rank=rank, seq_len=seq_len, batch_size=batch_size)
@@ -584,8 +633,14 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
         t = lap(f"seed {seed}: train CPT", t)
         kd, kd_summary = train_adapter(setup, os.path.join(run_dir, "kd"), alpha=kd_alpha, seed=seed, **kw)
         t = lap(f"seed {seed}: train KD", t)
+        trained = [(names[1], cpt), (names[2], kd)]
+        if cache_k:
+            kd_cached, cached_summary = train_adapter(setup, os.path.join(run_dir, "kd_cache"), alpha=kd_alpha,
+                                                      seed=seed, cache_k=cache_k, **kw)
+            trained.append((names[3], kd_cached))
+            t = lap(f"seed {seed}: teacher cache + train KD from it", t)
         scores, mc_scores = dict(fixed), dict(fixed_mc)
-        for name, adapters in ((names[1], cpt), (names[2], kd)):
+        for name, adapters in trained:
             scores[name] = score(setup, ref, adapters=adapters)
             if scorer is not None:
                 mc_scores[name] = score_mc(scorer, items, setup.student_cfg, setup.student, adapters)
@@ -593,13 +648,18 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
         docs = {n: scores[n]["per_document"] for n in names}
         rows = {n: model_row(docs[n], mc_scores.get(n), **boot_kw) for n in names}
         gap = rows[names[0]]["kl"]
+        pairs = [("KD - CPT", names[2], names[1]), ("CPT - pruned", names[1], names[0]),
+                 ("KD - pruned", names[2], names[0])]
+        pairs += [(CACHE_DIFFERENCES[0], names[3], names[2]), (CACHE_DIFFERENCES[1], names[3], names[0])] \
+            if cache_k else []
         result = {"seed": seed, "models": rows,
-                  "differences": differences(docs, [("KD - CPT", names[2], names[1]),
-                                                    ("CPT - pruned", names[1], names[0]),
-                                                    ("KD - pruned", names[2], names[0])], **boot_kw),
-                  "kl_gap_closed": {n: 1.0 - rows[n]["kl"] / gap if gap else 0.0 for n in names[1:3]},
+                  "differences": differences(docs, pairs, **boot_kw),
+                  "kl_gap_closed": {n: 1.0 - rows[n]["kl"] / gap if gap else 0.0 for n in names[1:-1]},
                   "runs": {"cpt": cpt_summary.get("out_dir"), "kd": kd_summary.get("out_dir"),
                            "kd_peft_adapter": kd_summary.get("peft_adapter")}}
+        if cache_k:
+            result["runs"].update(kd_cache=cached_summary.get("out_dir"),
+                                  kd_cache_peft_adapter=cached_summary.get("peft_adapter"))
         if scorer is not None:
             result["mc_differences"] = {"KD - CPT": stats.paired_bootstrap(
                 mc_scores[names[2]]["correct"], mc_scores[names[1]]["correct"], **boot_kw)}
@@ -612,6 +672,8 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
         adapters_of[seed] = kd
         histories[f"CPT (alpha 0), seed {seed}"] = _history(cpt_summary)
         histories[f"CPT+KD (alpha {kd_alpha:g}), seed {seed}"] = _history(kd_summary)
+        if cache_k:
+            histories[f"CPT+KD from a top-{cache_k} cache, seed {seed}"] = _history(cached_summary)
 
     # The first seed's KD adapter: partial merges and its LoRE, on a spread-out part of the held-out rows.
     sub = ref.subset(int(sweep_rows) * int(seq_len))
@@ -638,6 +700,7 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
         "setting": {"teacher": teacher, "student": student, "keep_layers": keep_layers,
                     "student_layers": setup.student_cfg.num_hidden_layers, "rank": rank, "steps": steps, "lr": lr,
                     "seq_len": seq_len, "batch_size": batch_size, "kd_alpha": kd_alpha, "seeds": seeds,
+                    "cache_k": cache_k,
                     "split_seed": split_seed, "min_words": min_words,
                     "train_tokens_per_run": steps * seq_len * batch_size, "text": str(text),
                     "documents": {"train": len(setup.train_docs), "held_out": len(setup.held_out_docs)},

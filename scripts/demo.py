@@ -22,6 +22,9 @@ Options beyond the training ones:
   --mc-items      at most this many multiple-choice items (default 100; the Jargon File's default split has 69)
   --sweep-rows    the partial-adaptation sweep and the LoRE are scored on about this many rows of --seq-len tokens,
                   spread over the held-out rows (the table itself scores every held-out document)
+  --cache-k       also train the KD adapter from a top-k teacher cache (one teacher pass written first, then a step
+                  with no teacher): its row sits beside the live-teacher KD row, with its NLL difference to it
+                  (default 64; 0: no such row)
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ def main():
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (e.g. 0,1,2)")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (fixed across --seeds)")
     ap.add_argument("--mc-items", type=int, default=100, help="most multiple-choice items")
+    ap.add_argument("--cache-k", type=int, default=64, help="top-k teacher cache row (0: none)")
     ap.add_argument("--sweep-rows", type=int, default=16,
                     help="held-out rows of --seq-len tokens for the partial-adaptation sweep and the LoRE")
     args = ap.parse_args()
@@ -68,7 +72,8 @@ def main():
     try:
         run_ablation(args.text, args.out, teacher=args.teacher, student=args.student, keep_layers=keep_layers,
                      steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, seeds=seeds,
-                     split_seed=args.split_seed, mc_items=args.mc_items, sweep_rows=args.sweep_rows)
+                     split_seed=args.split_seed, mc_items=args.mc_items, sweep_rows=args.sweep_rows,
+                     cache_k=args.cache_k or None)
     except FaJaxError as e:
         sys.exit(f"demo: {e}")
 

@@ -94,7 +94,7 @@ def test_run_ablation_on_a_tiny_model(tmp_path):
     R = 2000
     res = ablation.run_ablation(text, str(out), teacher=str(tmp_path / "model"), steps=3, lr=1e-2, seq_len=16,
                                 batch_size=8, sweep_rows=64, min_words=5, held_out_fraction=0.1, seeds=(3,),
-                                n_resamples=R, mesh_shape=(1, 1, 1))
+                                n_resamples=R, mesh_shape=(1, 1, 1), cache_k=256)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["seeds"] == json.loads(json.dumps(res["seeds"]))
     for name in ("training_curves", "ablation", "partial_adaptation", "lore_spectrum"):
@@ -128,7 +128,8 @@ def test_run_ablation_on_a_tiny_model(tmp_path):
         assert row["tokens"] == n and row["documents"] == len(held)
         np.testing.assert_allclose([row["nll_ci"][k] for k in ("estimate", "lo", "hi")],
                                    _bootstrap(d["nll_sum"], d["tokens"], R), rtol=1e-9, err_msg=name)
-    for label, a, b in (("KD - CPT", 2, 1), ("CPT - pruned", 1, 0), ("KD - pruned", 2, 0)):
+    for label, a, b in (("KD - CPT", 2, 1), ("CPT - pruned", 1, 0), ("KD - pruned", 2, 0), ("KD cache - KD", 3, 2),
+                        ("KD cache - pruned", 3, 0)):
         diff = sums[names[a]]["nll_sum"] - sums[names[b]]["nll_sum"]
         est, lo, hi = _bootstrap(diff, sums[names[a]]["tokens"], R)
         got = seed["differences"][label]
@@ -138,15 +139,21 @@ def test_run_ablation_on_a_tiny_model(tmp_path):
     # ... against an independent evaluation: full logits of each model on each held-out document alone
     kd = fa_jax.load_peft(setup.student_cfg, seed["runs"]["kd_peft_adapter"])
     cpt = fa_jax.load_peft(setup.student_cfg, os.path.join(seed["runs"]["cpt"], "adapter_peft"))
+    kd_cache = fa_jax.load_peft(setup.student_cfg, seed["runs"]["kd_cache_peft_adapter"])
+    assert names[3] == ablation.cached_name(256)
     want = _doc_sums(setup, held, 16, [(n, c, p_, a) for n, (c, p_, a) in zip(names, (
         (setup.student_cfg, setup.student, None), (setup.student_cfg, setup.student, cpt),
-        (setup.student_cfg, setup.student, kd), (setup.teacher_cfg, setup.teacher, None)))])
+        (setup.student_cfg, setup.student, kd), (setup.student_cfg, setup.student, kd_cache),
+        (setup.teacher_cfg, setup.teacher, None)))])
     for name in names:
         got = np.stack([sums[name][k] for k in ("nll_sum", "kl_sum", "agreement_sum", "tokens")], 1)
         np.testing.assert_allclose(got[:, [0, 3]], want[name][:, [0, 3]], rtol=2e-5, err_msg=name)
         np.testing.assert_allclose(got[:, 1], want[name][:, 1], rtol=1e-3, atol=1e-5, err_msg=name)
         assert np.abs(got[:, 2] - want[name][:, 2]).sum() <= 1, name  # an argmax may flip on a float32 near-tie
     assert abs(seed["models"][names[0]]["kl"] - seed["models"][names[2]]["kl"]) > 1e-5  # training moved the student
+    # a cache of every token (k = the vocabulary, float16 log-probabilities) trains like the live teacher
+    kls = [seed["models"][names[i]]["kl"] for i in (2, 3)]
+    assert abs(kls[1] - kls[0]) < 0.02 * kls[0], kls
 
     # the multiple-choice test: items only from held-out entries, accuracy and its interval from the predictions
     items = preds["mc_items"]
@@ -179,7 +186,7 @@ def test_run_ablation_on_a_tiny_model(tmp_path):
     tokens, mask = _padded(seqs)
     lt = _log_softmax(_forward(setup.teacher_cfg, setup.teacher, tokens, mask=mask))
     want = [sum(lt[i, t - 1, tokens[i, t]] for t in span) for i, span in enumerate(spans)]
-    np.testing.assert_allclose(np.ravel(p["mc"][names[3]]["logprob"]), want, rtol=1e-4)
+    np.testing.assert_allclose(np.ravel(p["mc"][names[-1]]["logprob"]), want, rtol=1e-4)
 
     # one seed: the aggregate is that seed, standard deviation 0
     agg = res["aggregate"]
