@@ -32,7 +32,7 @@ from jax.experimental import mesh_utils
 
 from fa_jax import adapters as adapters_lib
 from fa_jax import config as config_lib
-from fa_jax import hlo_stats, run_config, train
+from fa_jax import hlo_stats, quant, run_config, train
 from fa_jax import sharding as sh
 from fa_jax import teacher_cache as tc
 from fa_jax.embedded import resolve_model_path
@@ -298,6 +298,8 @@ def _models(cfg, kind, mesh, rules, with_teacher=None):
         same = student is teacher
         teacher = None if teacher is None else stacked(teacher_cfg, teacher)
         student = teacher if same else stacked(student_cfg, student)
+    if teacher is not None and with_teacher:  # teacher.quantize: int8 weights and their scales
+        teacher = quant.quantize_params(teacher_cfg, teacher, (cfg.get("teacher") or {}).get("quantize"))
     if not with_teacher:
         teacher_cfg, teacher = None, None
     return teacher_cfg, teacher, student_cfg, student, notes

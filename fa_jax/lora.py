@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
+from fa_jax import quant
 from fa_jax.errors import FaJaxError
 from fa_jax.models.spec import linear_modules
 from fa_jax.tree import get_path, set_path
@@ -66,8 +67,8 @@ _low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 def linear(x, p, adapter, dropout=None):
     """A linear module with a LoRA adapter: x @ kernel (+ bias) + scale * (dropout(x) @ A) @ B, for p {"kernel" [I, O],
-    "bias" [O] or None} (the `linear` site of the registry, fa_jax/adapters/)."""
-    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
+    "bias" [O] or None} (the `linear` site of the registry, fa_jax/adapters/); the kernel may be a `quant.QInt8`."""
+    y = quant.einsum("...i,io->...o", x, p["kernel"])
     if p.get("bias") is not None:
         y = y + p["bias"].astype(y.dtype)
     return apply(x, y, adapter, dropout)
@@ -75,7 +76,7 @@ def linear(x, p, adapter, dropout=None):
 
 def dora_linear(x, p, adapter, dropout=None):
     """A linear module with a DoRA adapter: `apply_dora` on the bias-free output, then the bias (as in PEFT)."""
-    y = apply_dora(x, jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype)), p["kernel"], adapter, dropout)
+    y = apply_dora(x, quant.einsum("...i,io->...o", x, p["kernel"]), p["kernel"], adapter, dropout)
     if p.get("bias") is not None:
         y = y + p["bias"].astype(y.dtype)
     return y
@@ -87,10 +88,13 @@ def is_dora(adapter) -> bool:
 
 
 def _direction(kernel, adapter):
-    """V = W + scale * A @ B, [I, O] float32."""
+    """V = W + scale * A @ B, [I, O] float32.
+
+    DoRA's column norms need V whole, which this forms in float32 anyway; so an int8 kernel (quant.QInt8) is
+    dequantized here, one module at a time, and DoRA over a quantized base costs no more than over a float one."""
     delta = adapter["scale"].astype(jnp.float32) * (adapter["lora_A"].astype(jnp.float32)
                                                     @ adapter["lora_B"].astype(jnp.float32))
-    return kernel.astype(jnp.float32) + delta
+    return quant.dequantize(kernel, jnp.float32) + delta
 
 
 def weight_norm(kernel, adapter):
@@ -114,7 +118,7 @@ def apply_dora(x, y, kernel, adapter, dropout=None):
     if dropout is None:
         return g * (y + _low_rank(x, a, b, scale))
     xd = dropout(x)
-    yd = jnp.einsum("...i,io->...o", xd, kernel.astype(x.dtype))
+    yd = quant.einsum("...i,io->...o", xd, kernel)
     return y + (g - 1) * yd + g * _low_rank(xd, a, b, scale)
 
 
@@ -164,11 +168,11 @@ def check_rank(value, what: str = "LoRA rank") -> int:
 
 def materialize(kernel, adapter):
     """W + scale * A @ B for LoRA, m * V / ||V||_c with V = W + scale * A @ B for DoRA; in W's dtype (formed in
-    float32)."""
+    float32; an int8 W gives its float dtype)."""
     v = _direction(kernel, adapter)
     if is_dora(adapter):
         v = v * (adapter["magnitude"].astype(jnp.float32) / jnp.linalg.norm(v, axis=0))[None, :]
-    return v.astype(kernel.dtype)
+    return v.astype(quant.float_dtype(kernel))
 
 
 def init_magnitude(adapters, params):

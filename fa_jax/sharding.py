@@ -100,8 +100,9 @@ def tree_shardings(config, tree, mesh: Mesh, rules=DEFAULT_RULES):
     """Shardings for a params-shaped or adapter-shaped tree (same nesting as the base params), or a tree that
     nests one (an optimizer state).
 
-    LoRA `lora_A` [in, r] follows the kernel's input axis, `lora_B` [r, out] its output axis; anything else at a
-    module path without a rule (scalars, vectors of adapters) is replicated.
+    LoRA `lora_A` [in, r] follows the kernel's input axis, `lora_B` [r, out] its output axis; an int8 weight
+    (quant.QInt8, paths ending in `.q` / `.scale`) is laid out like the weight, its scale's size-1 axis whole;
+    anything else at a module path without a rule (scalars, vectors of adapters) is replicated.
     """
     specs = param_specs(config)
 
@@ -123,6 +124,8 @@ def tree_shardings(config, tree, mesh: Mesh, rules=DEFAULT_RULES):
         dotted = ".".join(keys)
         if dotted in specs:
             return tuple(spec_for(shape, specs[dotted][1], mesh, rules))
+        if keys[-1] in ("q", "scale") and ".".join(keys[:-1]) in specs:  # quant.QInt8
+            return tuple(spec_for(shape, specs[".".join(keys[:-1])][1], mesh, rules))
         kernel = ".".join(keys[:-1]) + ".kernel"
         if kernel in specs and len(shape) == 2:
             in_axis, out_axis = specs[kernel][1]
@@ -186,14 +189,15 @@ def constrain_batch(x):
 
 def gathered(x, axes):
     """A weight with logical `axes` as its matmul uses it under `mesh_context`: whole along the axes the rules
-    split over fsdp (gathered, as FSDP does), still split along tensor-parallel axes; unchanged elsewhere."""
+    split over fsdp (gathered, as FSDP does), still split along tensor-parallel axes; unchanged elsewhere. An int8
+    weight (quant.QInt8) is constrained leaf by leaf, its scale's size-1 axis whole."""
     ctx = _context()
     if ctx is None:
         return x
     mesh, rules = ctx
     no_fsdp = tuple((name, tuple(a for a in ((t,) if isinstance(t, str) else (t or ())) if a != "fsdp") or None)
                     for name, t in rules)
-    return jax.lax.with_sharding_constraint(x, spec_for(x.shape, axes, mesh, no_fsdp))
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec_for(a.shape, axes, mesh, no_fsdp)), x)
 
 
 class InMesh:

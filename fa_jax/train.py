@@ -210,7 +210,7 @@ def load_models(cfg, mesh, rules):
         student_cfg, student = transformer.select_layers(student_cfg, student, cfg.model.keep_layers)
     teacher_cfg, student_cfg = with_attention(cfg, teacher_cfg), with_attention(cfg, student_cfg)
     teacher, student = stack_models(cfg, mesh, rules, teacher_cfg, teacher, student_cfg, student)
-    teacher = quantized_teacher(cfg, teacher_cfg, teacher)
+    teacher = quantized_teacher(cfg, teacher_cfg, teacher, keep=student)
     return teacher_cfg, teacher, student_cfg, student, tokenizer
 
 
@@ -221,20 +221,20 @@ def load_teacher(cfg, mesh, rules):
     teacher_cfg, teacher = load_model(teacher_path, dtype=cfg.model.dtype, sharding=sh.Rules(mesh, rules))
     teacher_cfg = with_attention(cfg, teacher_cfg)
     teacher, _ = stack_models(cfg, mesh, rules, teacher_cfg, teacher, None, None)
-    return teacher_cfg, quantized_teacher(cfg, teacher_cfg, teacher), load_tokenizer(teacher_path)
+    return teacher_cfg, quantized_teacher(cfg, teacher_cfg, teacher, keep=None), load_tokenizer(teacher_path)
 
 
 def _teacher_setting(cfg, key):
     return (cfg.get("teacher") or {}).get(key)
 
 
-def quantized_teacher(cfg, teacher_cfg, teacher):
-    """The teacher's weights as `teacher.quantize` says (None: unchanged). Arrays the student shares stay as they
-    are for the student: the quantized copies are new arrays."""
+def quantized_teacher(cfg, teacher_cfg, teacher, keep=None):
+    """The teacher's weights as `teacher.quantize` says (None: unchanged). Each full-precision array is freed once
+    quantized, except those the tree `keep` holds too (the student's, when it is made of the teacher's layers)."""
     mode = _teacher_setting(cfg, "quantize")
     if mode is None or teacher is None:
         return teacher
-    return quant.quantize_params(teacher_cfg, teacher, mode=mode)
+    return quant.quantize_params(teacher_cfg, teacher, mode=mode, donate=True, keep=keep)
 
 
 def with_attention(cfg, model_cfg):

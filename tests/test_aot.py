@@ -334,3 +334,16 @@ def test_a_cached_teacher_run_holds_no_teacher(tiny_dir):
     extra = rows * T * (k * (2 + 2) + 4)
     assert cached["per_chip"]["arguments"]["batch"] - live["per_chip"]["arguments"]["batch"] == extra
     assert cached["flops"]["model_per_chip"] < live["flops"]["model_per_chip"]
+
+
+@needs_libtpu
+def test_an_int8_teacher_is_a_quarter_of_float32(tiny_dir):
+    """teacher.quantize=int8: the compiled step's teacher argument is the int8 matrices plus their float32 scales
+    (a distinct student so the teacher's bytes are its own)."""
+    cfg = run_cfg(tiny_dir, teacher={"quantize": "int8"}, loss={"alpha": 0.5}, mesh={"shape": [-1, 1, 1]})
+    cfg["model"]["student"] = os.path.join(tiny_dir, ".")  # the same files under another name: loaded separately
+    rep = aot.compile_report(cfg, "v5e:2x2")["programs"][0]
+    D, F, V, HK, GK = 512, 1024, 1024, 4 * 128, 2 * 128
+    q = V * D + D * HK + 2 * D * GK + HK * D + 3 * D * F  # int8 bytes
+    scales = 4 * (V + HK + 2 * GK + D + 2 * F + D)  # one float32 per output channel (embedding: per row)
+    assert rep["per_chip"]["arguments"]["teacher"] == q + scales + 4 * 3 * D  # + the float32 norms

@@ -10,13 +10,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fa_jax import quant
 from fa_jax.adapters import registry
 from fa_jax.errors import FaJaxError
 
 
 def dense(x, p, adapter=None, dropout=None):
     """x [..., I] @ kernel [I, O] (+ bias) for p {"kernel"[, "bias"]}; with an adapter, the output of the registered
-    kind that claims it (fa_jax/adapters/registry.py: LoRA, DoRA).
+    kind that claims it (fa_jax/adapters/registry.py: LoRA, DoRA). The kernel may be int8 (a `quant.QInt8`).
 
     `dropout` is a function applied to the adapter's input only (LoRA dropout); the frozen path never drops.
     """
@@ -25,7 +26,7 @@ def dense(x, p, adapter=None, dropout=None):
         return kind.linear(x, p, adapter, dropout)
     if adapter:
         raise FaJaxError(f"no registered adapter kind applies to a linear module holding {sorted(adapter)}")
-    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
+    y = quant.einsum("...i,io->...o", x, p["kernel"])
     if p.get("bias") is not None:
         y = y + p["bias"].astype(y.dtype)
     return y

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from fa_jax import prompts
+from fa_jax import prompts, quant
 from fa_jax.adapters import registry
 from fa_jax import config as config_lib
 from fa_jax.errors import FaJaxError
@@ -118,7 +118,7 @@ class Embed(nn.Module):
     def __call__(self, tokens):
         table = _param(self, "embedding", (self.config.vocab_size, self.config.hidden_size), ("vocab", "embed"),
                        nn.initializers.normal(0.02))
-        return jnp.take(table, tokens, axis=0)
+        return quant.take(table, tokens)  # an int8 table (quant.QInt8) gives float32 rows
 
 
 class Attention(nn.Module):
@@ -386,7 +386,7 @@ class CausalLM(nn.Module):
             w = nn.unbox(self.variables["params"]["model"]["embed_tokens"]["embedding"]).T
         else:
             w = LMHead(cfg, name="lm_head")()
-        return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32), cache
+        return quant.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32), cache
 
 
 class LMHead(nn.Module):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fa_jax import checks
+from fa_jax import checks, quant
 from fa_jax.errors import FaJaxError
 from fa_jax.models.modules import REMAT_POLICIES, CausalLM, remat_policy, root_site  # noqa: F401  (public here)
 from fa_jax.models.spec import count_params, linear_modules, param_specs  # noqa: F401  (public here)
@@ -45,7 +45,7 @@ def segment_positions(segment_ids):
 
 
 def _dtype(params, dtype):
-    return jnp.dtype(dtype or params["model"]["embed_tokens"]["embedding"].dtype)
+    return jnp.dtype(dtype or quant.float_dtype(params["model"]["embed_tokens"]["embedding"]))
 
 
 def hidden_states(config, params, tokens, adapters=None, *, mask=None, positions=None, segment_ids=None,
@@ -130,7 +130,7 @@ def stack_adapters(config, adapters):
 
 
 def lm_head_kernel(config, params):
-    """The output projection as [D, V] (the embedding's transpose when tied)."""
+    """The output projection as [D, V] (the embedding's transpose when tied); a `quant.QInt8` if quantized."""
     if config.tie_word_embeddings:
         return params["model"]["embed_tokens"]["embedding"].T
     return params["lm_head"]["kernel"]
@@ -146,8 +146,7 @@ def lm_head(config, params):
 
 def lm_logits(config, params, hidden):
     """Float32 logits [..., V] from hidden states [..., D]."""
-    w = lm_head_kernel(config, params).astype(hidden.dtype)
-    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    return quant.einsum("...d,dv->...v", hidden, lm_head_kernel(config, params), preferred_element_type=jnp.float32)
 
 
 def forward(config, params, tokens, adapters=None, *, mask=None, positions=None, segment_ids=None, dtype=None,
