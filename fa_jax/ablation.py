@@ -200,7 +200,7 @@ def _cached(setup: Setup, cfg, cache_dir: str, k: int, batches):
     os.makedirs(row_dir)
     precompute.write_rows(row_dir, fn, setup.teacher, batches, start=0, steps=int(cfg.run.steps), rows=B,
                           seq_len=int(cfg.data.seq_len), k=k, vocab=vocab, dtype="float16",
-                          batch_sharding=sh.batch_sharding(setup.mesh, setup.rules), progress=False)
+                          batch_sharding=sh.batch_sharding(setup.mesh, setup.rules))
     meta = precompute.new_meta(teacher_cache.identity(cfg, vocab), k, "float16")
     write_text(os.path.join(cache_dir, teacher_cache.META), json.dumps(meta, indent=2, default=str) + "\n")
     fresh = train.RowStreams(setup.train_docs, setup.tokenizer, seq_len=int(cfg.data.seq_len), global_rows=B,

@@ -321,29 +321,22 @@ def test_two_slices_put_the_data_axis_across_them(tiny_dir):
 
 
 @needs_libtpu
-def test_a_cached_teacher_run_holds_no_teacher(tiny_dir):
-    """teacher.cache: the step compiles with the cache's entries in the batch (k = 64 float16 log-probabilities,
-    uint16 ids, float32 tail per position, split by rows) and no teacher weights; the live-teacher step holds the
-    teacher (here the same arrays as the student)."""
+def test_cached_and_int8_teachers(tiny_dir):
+    """teacher.cache: the step compiles with no teacher and the cache's entries in the batch (k = 64 float16
+    log-probabilities, uint16 ids, a float32 tail per position, split by rows). teacher.quantize=int8 (a distinct
+    student, so the teacher's bytes are its own): the teacher argument is the int8 matrices plus one float32 scale
+    per output channel (per row for the embedding) and the float32 norms."""
     kw = dict(loss={"alpha": 0.5}, mesh={"shape": [-1, 1, 1]})
-    live = aot.compile_report(run_cfg(tiny_dir, **kw), "v5e:2x2")["programs"][0]
     cached = aot.compile_report(run_cfg(tiny_dir, teacher={"cache": "not/there"}, **kw), "v5e:2x2")["programs"][0]
-    assert live["per_chip"]["arguments"]["teacher"] == hand_param_bytes(1)
-    assert cached["per_chip"]["arguments"]["teacher"] == 0
-    rows, T, k = 8 // 4, 128, 64
-    extra = rows * T * (k * (2 + 2) + 4)
-    assert cached["per_chip"]["arguments"]["batch"] - live["per_chip"]["arguments"]["batch"] == extra
-    assert cached["flops"]["model_per_chip"] < live["flops"]["model_per_chip"]
-
-
-@needs_libtpu
-def test_an_int8_teacher_is_a_quarter_of_float32(tiny_dir):
-    """teacher.quantize=int8: the compiled step's teacher argument is the int8 matrices plus their float32 scales
-    (a distinct student so the teacher's bytes are its own)."""
-    cfg = run_cfg(tiny_dir, teacher={"quantize": "int8"}, loss={"alpha": 0.5}, mesh={"shape": [-1, 1, 1]})
+    cfg = run_cfg(tiny_dir, teacher={"quantize": "int8"}, **kw)
     cfg["model"]["student"] = os.path.join(tiny_dir, ".")  # the same files under another name: loaded separately
-    rep = aot.compile_report(cfg, "v5e:2x2")["programs"][0]
+    int8 = aot.compile_report(cfg, "v5e:2x2")["programs"][0]
+    rows, T, k = 8 // 4, 128, 64
+    assert cached["per_chip"]["arguments"]["teacher"] == 0
+    assert cached["per_chip"]["arguments"]["batch"] == rows * T * (5 * 4 + k * (2 + 2) + 4)
     D, F, V, HK, GK = 512, 1024, 1024, 4 * 128, 2 * 128
     q = V * D + D * HK + 2 * D * GK + HK * D + 3 * D * F  # int8 bytes
-    scales = 4 * (V + HK + 2 * GK + D + 2 * F + D)  # one float32 per output channel (embedding: per row)
-    assert rep["per_chip"]["arguments"]["teacher"] == q + scales + 4 * 3 * D  # + the float32 norms
+    scales = 4 * (V + HK + 2 * GK + D + 2 * F + D)
+    assert int8["per_chip"]["arguments"]["teacher"] == q + scales + 4 * 3 * D
+    assert int8["per_chip"]["arguments"]["student"] == hand_param_bytes(1)
+    assert cached["flops"]["model_per_chip"] < int8["flops"]["model_per_chip"]

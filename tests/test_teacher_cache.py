@@ -1,6 +1,8 @@
 """The teacher top-k cache: the sparse KD term against NumPy and the full loss, `fa-jax teacher-cache` files, and
 pre-training from a cache against the live teacher (same losses at k = vocabulary), resume, and mismatches."""
+import contextlib
 import glob
+import io
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import pytest
 
 from fa_jax import losses, precompute, run_config, train, validation
 from fa_jax import teacher_cache as tc
+from fa_jax.cli import main
 from fa_jax.errors import FaJaxError
 from fa_jax.io import safetensors
 from fa_jax.io.load import load_model_config
@@ -127,8 +130,12 @@ def caches(teacher_corpus, tmp_path_factory):
     full = str(out / "full")
     precompute.teacher_cache(_cfg(root, corpus, out / "unused", **{"teacher.top_k": V, "teacher.cache_dtype":
                                                                      "float32"}), full)
-    top4 = str(out / "top4")
-    precompute.teacher_cache(_cfg(root, corpus, out / "unused", **{"teacher.top_k": 4, "run.steps": 2}), top4)
+    top4 = str(out / "top4")  # through the command line
+    conf = out / "conf.py"
+    conf.write_text(f"import json\n\n\ndef get_config():\n    return json.loads({json.dumps(_cfg(root, corpus, 'x'))!r})\n")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["teacher-cache", "--config", str(conf), "--out", top4, "teacher.top_k=4", "run.steps=2"]) == 0
+    assert "the top k hold" in printed.getvalue() and f"teacher.cache={top4}" in printed.getvalue()
     return root, corpus, V, full, top4
 
 
@@ -209,12 +216,16 @@ def test_writer_continues_and_extends(caches, tmp_path):
     ({"data.seed": 1}, "data.seed"),
     ({"teacher.top_k": 5}, "teacher.top_k=5: the cache .* holds 4"),
 ])
-def test_a_mismatched_cache_is_refused_before_training(caches, tmp_path, over, match):
-    root, corpus, _, _, top4 = caches
+def test_a_mismatched_cache_is_refused(caches, tmp_path, over, match):
+    """`Cache.check`, which `train.pretrain` runs before its first step (shown for the first case)."""
+    root, corpus, V, _, top4 = caches
     cfg = _cfg(root, corpus, tmp_path / "run", **{"teacher.cache": top4, "run.steps": 2, **over})
     with pytest.raises(FaJaxError, match=match):
-        train.pretrain(cfg)
-    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+        tc.Cache(top4).check(cfg, V, (0, 8), int(cfg.run.steps))
+    if "data.seq_len" in over:
+        with pytest.raises(FaJaxError, match=match):
+            train.pretrain(cfg)
+        assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
 def test_other_tokens_in_the_cache_are_an_error(caches, tmp_path):
