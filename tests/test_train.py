@@ -186,7 +186,7 @@ def test_remat_shrinks_the_compiled_step_scratch_memory():
     opt, sched = optim.make_optimizer(lora.trainable_mask(ad), lr=1e-3, steps=10)
     state = {"step": jax.numpy.zeros((), jax.numpy.int32), "adapters": ad, "opt_state": opt.init(ad),
              "rng": jax.random.PRNGKey(2)}
-    B, T = 8, 256
+    B, T = 4, 128
     tok = np.random.default_rng(0).integers(0, 512, (B, T)).astype(np.int32)
     batch = {"tokens": tok, "labels": tok, "mask": np.ones((B, T), np.float32),
              "segment_ids": np.ones((B, T), np.int32), "positions": np.broadcast_to(np.arange(T), (B, T))}
