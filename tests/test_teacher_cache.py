@@ -215,10 +215,24 @@ def test_writer_continues_and_extends(caches, tmp_path):
     ({"run.steps": 3}, "holds 2 steps .* needs run.steps=3"),
     ({"data.seed": 1}, "data.seed"),
     ({"teacher.top_k": 5}, "teacher.top_k=5: the cache .* holds 4"),
+    ({"data.train": "EDITED"}, "data: the cache has data files"),
+    ({"model.teacher": "OTHER"}, "teacher: the cache has"),
 ])
 def test_a_mismatched_cache_is_refused(caches, tmp_path, over, match):
-    """`Cache.check`, which `train.pretrain` runs before its first step (shown for the first case)."""
+    """`Cache.check`, which `train.pretrain` runs before its first step (shown for the first case): another
+    sequence length, temperature, seed, k, fewer steps, another data file, another teacher."""
     root, corpus, V, _, top4 = caches
+    if over.get("data.train") == "EDITED":  # the same file name and size, one word changed
+        text = open(corpus).read()
+        edited = tmp_path / os.path.basename(corpus)
+        edited.write_text(text.replace(" ", "x", 1))
+        over = {"data.train": str(edited)}
+    if over.get("model.teacher") == "OTHER":  # the same tokenizer, another checkpoint
+        other = tmp_path / "other"
+        shutil.copytree(root / "teacher", other)
+        cfg_json = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps(dict(cfg_json, rms_norm_eps=1e-3)))
+        over = {"model.teacher": str(other)}
     cfg = _cfg(root, corpus, tmp_path / "run", **{"teacher.cache": top4, "run.steps": 2, **over})
     with pytest.raises(FaJaxError, match=match):
         tc.Cache(top4).check(cfg, V, (0, 8), int(cfg.run.steps))
