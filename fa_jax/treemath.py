@@ -357,3 +357,116 @@ def param_share_curve(spectra: dict, taus, fixed: int = 0, total: int | None = N
     for tau in taus:
         out.append((sum(rank_for_tau(s, tau) * (i + o) for s, (i, o) in spectra.values()) + fixed) / total)
     return out
+
+
+# ------------------------------------------------------------------------------------------- combining adapters
+
+
+def combine(adapters, tau: float | None = None, rank: int | None = None, budget: float | None = None, base=None):
+    """The weighted sum of several adapters as one LoRA: sum_i scale_i * delta_i, truncated. Returns (lora, report).
+
+    adapters: [(tree, scale), ...]; each tree holds LoRA modules and/or dense `kernel` deltas (and DoRA modules with
+    `base`). A module whose terms are all LoRA is combined from the factors: A = [c_1 A_1, c_2 A_2, ...] [I, sum R],
+    B = [B_1; B_2; ...] [sum R, O] (c_i = scale_i * the module's own scale), QR of both sides and the SVD of the
+    small core (`lowrank_svd`), so the dense [I, O] matrix is never formed. A module with any dense term (a dense
+    delta, or a DoRA module whose delta m * V / ||V||_c - W is in general full rank) is summed densely and
+    decomposed by a dense SVD. Non-matrix leaves are left out.
+
+    Exactly one of: `tau` (per matrix, the smallest rank whose explained variance reaches tau), `rank` (per matrix,
+    at most that rank), `budget` (one parameter budget over all matrices: an int is a number of LoRA parameters, a
+    float in (0, 1) a share of the combined matrices' dense parameters). Under a budget the directions of every
+    matrix are visited by decreasing singular value, across matrices, and each is kept if its cost (in + out
+    parameters of its matrix) still fits what is left: the largest singular values win wherever they are.
+
+    report: {"modules": {path: {"rank", "shape", "spectrum", "explained", "source": "factors" | "dense"}},
+             "rank_pattern": {path: rank}, "params", "dense_params", "budget" (parameters, under a budget)}.
+    The returned LoRA's modules have scale 1 (A = U_k sqrt(s_k), B = sqrt(s_k) Vt_k); a module whose rank is 0 is
+    left out."""
+    given = [x is not None for x in (tau, rank, budget)]
+    if sum(given) != 1:
+        raise FaJaxError("combine: give exactly one of tau, rank or budget")
+    check_tau_rank(tau, rank, "tau=", "rank=", where="combine")
+    if not adapters:
+        raise FaJaxError("combine: no adapters given; expected [(adapter, scale), ...]")
+    terms: dict[str, list] = {}  # path -> [("factors", A, B) | ("dense", D)]
+    for i, (tree, scale) in enumerate(adapters):
+        c = float(scale)
+        modules = dict(lora_lib.iter_modules(tree))
+        for path, ad in modules.items():
+            if lora_lib.is_dora(ad):
+                terms.setdefault(path, []).append(("dense", c * _module_delta(path, ad, base, "combine")))
+                continue
+            _check_factors(path, ad, "combine")
+            a = ad["lora_A"].astype(jnp.float32) * (c * ad["scale"].astype(jnp.float32))
+            terms.setdefault(path, []).append(("factors", a, ad["lora_B"].astype(jnp.float32)))
+        skip = {f"{p}.{k}" for p, ad in modules.items() for k in ad}
+        for p, x in flatten(tree).items():
+            if p not in skip and _is_matrix(p, x) and p.endswith("." + MATRIX_LEAF):
+                terms.setdefault(p[: -len(MATRIX_LEAF) - 1], []).append(("dense", c * jnp.asarray(x, jnp.float32)))
+    svds, sources = {}, {}
+    for path, ts in sorted(terms.items()):
+        shapes = {(t[1].shape[0], t[2].shape[1]) if t[0] == "factors" else tuple(t[1].shape) for t in ts}
+        if len(shapes) != 1:
+            raise FaJaxError(f"combine: {path} has matrices of different shapes across the adapters "
+                             f"({sorted(shapes)}); expected adapters of one model")
+        if all(t[0] == "factors" for t in ts):
+            svds[path] = lowrank_svd(jnp.concatenate([t[1] for t in ts], axis=1),
+                                     jnp.concatenate([t[2] for t in ts], axis=0))
+            sources[path] = "factors"
+        else:
+            dense = sum(t[1] if t[0] == "dense" else t[1] @ t[2] for t in ts)
+            svds[path] = jnp.linalg.svd(dense, full_matrices=False)
+            sources[path] = "dense"
+    spectra = {p: np.asarray(s, np.float64) for p, (_, s, _) in svds.items()}
+    shapes = {p: (int(u.shape[0]), int(vt.shape[1])) for p, (u, _, vt) in svds.items()}
+    dense_params = sum(i * o for i, o in shapes.values())
+    if budget is not None:
+        limit = _budget_params(budget, dense_params)
+        ranks = budget_ranks(spectra, shapes, limit)
+    elif tau is not None:
+        ranks = {p: rank_for_tau(s, float(tau)) for p, s in spectra.items()}
+    else:
+        ranks = {p: min(int(rank), int(np.sum(s > 0))) for p, s in spectra.items()}
+    out, modules, params = {}, {}, 0
+    for path, (u, s, vt) in svds.items():
+        k = ranks[path]
+        energy = spectra[path] ** 2
+        modules[path] = {"rank": k, "shape": list(shapes[path]), "spectrum": spectra[path], "source": sources[path],
+                         "explained": float(energy[:k].sum() / energy.sum()) if energy.sum() else 1.0}
+        params += k * sum(shapes[path])
+        if k:
+            a, b = _factors(u, s, vt, k)
+            out[f"{path}.lora_A"], out[f"{path}.lora_B"] = a, b
+            out[f"{path}.scale"] = jnp.ones((), jnp.float32)
+    report = {"modules": modules, "rank_pattern": {p: m["rank"] for p, m in modules.items() if m["rank"]},
+              "params": int(params), "dense_params": int(dense_params)}
+    if budget is not None:
+        report["budget"] = int(limit)
+    return unflatten(out), report
+
+
+def _budget_params(budget, dense_params: int) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or budget <= 0:
+        raise FaJaxError(f"combine: budget={budget!r}; expected a number of parameters (an int >= 1) or a share "
+                         "of the dense parameters in (0, 1)")
+    if isinstance(budget, numbers.Integral):
+        return int(budget)
+    if budget >= 1:
+        raise FaJaxError(f"combine: budget={budget}: a float budget is a share of the dense parameters, in (0, 1); "
+                         "give an int for a number of parameters")
+    return int(budget * dense_params)
+
+
+def budget_ranks(spectra: dict, shapes: dict, limit: int) -> dict:
+    """{path: rank} spending at most `limit` LoRA parameters: every matrix's singular directions in one list by
+    decreasing singular value (ties: path, then index), each kept if its matrix's in + out parameters still fit.
+    A matrix's directions are taken in order, so its rank is the count kept."""
+    order = sorted(((float(s), p, j) for p, sp in spectra.items() for j, s in enumerate(sp) if s > 0),
+                   key=lambda x: (-x[0], x[1], x[2]))
+    ranks, left = {p: 0 for p in spectra}, int(limit)
+    for _, p, j in order:
+        cost = sum(shapes[p])
+        if j == ranks[p] and cost <= left:
+            ranks[p] += 1
+            left -= cost
+    return ranks
