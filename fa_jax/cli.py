@@ -234,6 +234,16 @@ def _shard_size_arg(text: str) -> str:
     return text
 
 
+def _budget_arg(text: str):
+    """--budget: an int (parameters) or a float in (0, 1) (a share of the dense parameters)."""
+    value = run_config.parse_value(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+            isinstance(value, float) and value >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a share in (0, 1) such as 0.02 or a number of "
+                                         "parameters such as 5000000")
+    return value
+
+
 def _parse_adapter(text: str):
     path, _, scale = text.rpartition(":")
     if not path or not scale:
@@ -246,6 +256,22 @@ def _parse_adapter(text: str):
 
 def _merge(args) -> None:
     adapters = [_parse_adapter(a) for a in args.adapter]
+    limits = {"--tau": args.tau, "--rank": args.rank, "--budget": args.budget}
+    if args.as_lora:
+        if sum(v is not None for v in limits.values()) != 1:
+            raise FaJaxError("--as-lora: give exactly one of --tau, --rank or --budget")
+        if args.tokenizer or args.dtype:
+            raise FaJaxError("--as-lora writes a PEFT LoRA directory: --tokenizer and --dtype do not apply")
+        report = readapt.merge_as_lora(args.base, adapters, args.out, tau=args.tau, rank=args.rank,
+                                       budget=args.budget, overwrite=args.overwrite)
+        ranks = sorted(report["rank_pattern"].values())
+        print(f"wrote {os.path.abspath(args.out)}: one LoRA = " + " + ".join(f"{s:g} * {p}" for p, s in adapters)
+              + f", {report['params']:,} parameters ({100 * report['params'] / report['dense_params']:.2f}% of the "
+              f"{report['dense_params']:,} dense ones), ranks {ranks[0]}..{ranks[-1]} over {len(ranks)} modules")
+        return
+    given = [k for k, v in limits.items() if v is not None]
+    if given:
+        raise FaJaxError(f"{given[0]} applies with --as-lora (a merged model is not truncated)")
     readapt.merge(args.base, adapters, args.out, overwrite=args.overwrite, dtype=args.dtype,
                   tokenizer_dir=args.tokenizer)
     print(f"wrote {os.path.abspath(args.out)} = base + " + " + ".join(f"{s:g} * {p}" for p, s in adapters))
@@ -383,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy the tokenizer files (tokenizer.json, tokenizer_config.json, chat_template.jinja, "
                         "generation_config.json, ...) from DIR, e.g. the instruct model's directory, so the merged "
                         "model has its chat template (default: the base's)")
+    s.add_argument("--as-lora", action="store_true",
+                   help="write the sum of the scaled LoRA adapters as one PEFT LoRA (treemath.combine) instead of a "
+                        "merged model; with one of --tau, --rank, --budget")
+    s.add_argument("--tau", type=float, help="--as-lora: per matrix, the smallest rank explaining this share")
+    s.add_argument("--rank", type=int, help="--as-lora: per matrix, at most this rank")
+    s.add_argument("--budget", type=_budget_arg,
+                   help="--as-lora: one parameter budget over all matrices, a share of the dense parameters (0.02) "
+                        "or a number of parameters (5000000); the largest singular values win wherever they are")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_merge)
     return p

@@ -22,7 +22,7 @@ from fa_jax import lora as lora_lib
 from fa_jax import runs, treemath
 from fa_jax.errors import FaJaxError
 from fa_jax.io import hf, peft
-from fa_jax.io.atomic import atomic_dir
+from fa_jax.io.atomic import atomic_dir, write_text
 from fa_jax.models.spec import count_params, param_specs
 from fa_jax.tree import flatten, unflatten
 
@@ -383,6 +383,36 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
+
+
+def merge_as_lora(base_dir: str, adapters, out_dir: str, *, tau: float | None = None, rank: int | None = None,
+                  budget=None, overwrite: bool = False) -> dict:
+    """sum(scale_i * delta_i) of several LoRA adapters as one PEFT LoRA directory (`treemath.combine`: from the
+    factors, truncated by `tau`, `rank` or one parameter `budget`; per-module ranks go to rank_pattern). adapters:
+    [(path, scale), ...], PEFT LoRA / DoRA / LoRE directories or fa_jax runs (`load_adapter`); a dense RE-Adapter
+    is refused (truncate it to a LoRE first: `fa-jax truncate`). Returns combine's report; lore_report.json in
+    out_dir holds the ranks."""
+    config = config_lib.load_config(base_dir)
+    trees = []
+    for path, scale in adapters:
+        kind, tree = load_adapter(path, config, base_dir)
+        if kind != "lora":
+            raise FaJaxError(f"--adapter {path}: a dense RE-Adapter; --as-lora combines low-rank adapters (make it a "
+                             "LoRE first: fa-jax truncate --delta DIR --tau 0.5 --out LORE)")
+        trees.append((tree, float(scale)))
+    base = None
+    if any(lora_lib.is_dora(ad) for tree, _ in trees for _, ad in lora_lib.iter_modules(tree)):
+        base = hf.load_hf(base_dir)[1]  # DoRA deltas depend on the base kernels
+    lora, report = treemath.combine(trees, tau=tau, rank=rank, budget=budget, base=base)
+    if not lora:
+        raise FaJaxError("--as-lora: every combined matrix got rank 0 (raise --budget, --tau or --rank)")
+    with atomic_dir(out_dir, overwrite) as tmp:
+        peft.write_peft(config, lora, tmp, base_model_name_or_path=os.path.abspath(base_dir))
+        write_text(os.path.join(tmp, "lore_report.json"), json.dumps(
+            {"adapters": [[p, float(s)] for p, s in adapters], "tau": tau, "rank": rank, "budget": report.get("budget"),
+             "params": report["params"], "dense_params": report["dense_params"],
+             "rank_pattern": report["rank_pattern"]}, indent=2) + "\n")
+    return report
 
 
 def check_tokenizer_dir(path: str) -> None:

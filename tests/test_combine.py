@@ -121,3 +121,65 @@ def test_errors():
         treemath.combine([ITEMS[0], (other, 1.0)], rank=2)
     with pytest.raises(FaJaxError, match="no adapters"):
         treemath.combine([], rank=2)
+
+
+def test_merge_as_lora_writes_a_peft_adapter(hf_dirs, tmp_path):
+    """`fa-jax merge --as-lora`: two PEFT LoRAs at 0.5 and 0.7 as one PEFT LoRA. At full rank PEFT's logits equal
+    transformers with both deltas added to the weights; under a budget the per-module ranks go to rank_pattern and
+    PEFT loads them as fa_jax does."""
+    import copy
+    import json
+
+    import jax
+    import torch
+    from peft import PeftModel
+
+    import fa_jax
+    from fa_jax import lora as lora_lib
+    from fa_jax.cli import main
+    from fa_jax.models import transformer
+
+    base_dir, torch_model = hf_dirs["llama"]
+    config, params = fa_jax.load_model(base_dir)
+    dirs, trees = [], []
+    for i, r in enumerate((2, 3)):
+        ad = lora_lib.init_lora(config, jax.random.PRNGKey(i), rank=r, alpha=2.0 * r)
+        ad = jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.random.normal(jax.random.PRNGKey(7 + i), x.shape) * 0.05
+            if jax.tree_util.keystr(p).endswith("'lora_B']") else x, ad)
+        d = str(tmp_path / f"a{i}")
+        fa_jax.save_peft(config, ad, d)
+        dirs.append(d)
+        trees.append(ad)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 9))
+
+    def peft_logits(out):
+        m = PeftModel.from_pretrained(copy.deepcopy(torch_model), out).eval()
+        with torch.no_grad():
+            return m(torch.tensor(tokens)).logits.numpy()
+
+    out = str(tmp_path / "full")
+    assert main(["merge", "--base", base_dir, "--adapter", f"{dirs[0]}:0.5", "--adapter", f"{dirs[1]}:0.7",
+                 "--as-lora", "--rank", "5", "--out", out]) == 0
+    ref = copy.deepcopy(torch_model)
+    named = dict(ref.named_modules())
+    for tree, c in zip(trees, (0.5, 0.7)):
+        for path, ad in lora_lib.iter_modules(tree):
+            delta = c * float(ad["scale"]) * np.asarray(ad["lora_A"], np.float64) @ np.asarray(ad["lora_B"], np.float64)
+            lin = named[path]
+            with torch.no_grad():
+                lin.weight += torch.tensor(delta.T, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        want = ref.eval()(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(peft_logits(out), want, rtol=1e-4, atol=1e-4)
+
+    out = str(tmp_path / "budget")
+    assert main(["merge", "--base", base_dir, "--adapter", f"{dirs[0]}:0.5", "--adapter", f"{dirs[1]}:0.7",
+                 "--as-lora", "--budget", "0.02", "--out", out]) == 0
+    pattern = json.load(open(f"{out}/adapter_config.json")).get("rank_pattern") or {}
+    combined, report = treemath.combine([(t, c) for t, c in zip(trees, (0.5, 0.7))], budget=0.02)
+    assert len(set(report["rank_pattern"].values())) > 1 and pattern
+    mine = transformer.forward(config, params, jnp.asarray(tokens), fa_jax.load_peft(config, out))
+    np.testing.assert_allclose(peft_logits(out), np.asarray(mine), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(transformer.forward(config, params, jnp.asarray(tokens), combined)),
+                               np.asarray(mine), rtol=1e-5, atol=1e-5)
