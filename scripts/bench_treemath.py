@@ -8,6 +8,11 @@
 2. Merge throughput: `readapt.merge` (base + 0.5 * dense delta, streamed tensor by tensor) against a plain NumPy
    loop over the same safetensors files (`safetensors.numpy.load_file`, add, `save_file`), in GB of base weights
    per second.
+3. Two rank-64 LoRAs combined into one LoRA of rank 64 per matrix on one Llama-3.1-8B-shaped layer (q, o 4096 x
+   4096; k, v 4096 x 1024; gate, up 4096 x 14336; down 14336 x 4096): `treemath.combine` (from the factors)
+   against the dense route of PEFT's `add_weighted_adapter` (form each scale * A @ B, sum, full SVD with NumPy,
+   keep the top 64), each in its own process: time and peak RSS (VmHWM), and the largest relative difference of
+   the kept singular values.
 """
 from __future__ import annotations
 
@@ -100,14 +105,84 @@ def bench_merge(gib: float, tmp: str):
     return nbytes, results
 
 
+SHAPES_8B = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
+             "gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
+
+
+def _loras(r: int):
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(2):
+        tree = {name: {"lora_A": rng.standard_normal((a, r), np.float32) / np.sqrt(a),
+                       "lora_B": rng.standard_normal((r, b), np.float32), "scale": np.float32(2.0)}
+                for name, (a, b) in SHAPES_8B.items()}
+        out.append((tree, 0.5))
+    return out
+
+
+def _hwm_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def combine_worker(kind: str, r: int, path: str) -> None:
+    """One side of benchmark 3 in this process; writes {seconds, peak_rss_gib, spectra} to `path`."""
+    items = _loras(r)
+    base_kb = _hwm_kb()
+    t = time.perf_counter()
+    if kind == "fa_jax":
+        _, report = treemath.combine(items, rank=r)
+        spectra = {p: np.asarray(m["spectrum"][:r], np.float64).tolist() for p, m in report["modules"].items()}
+    else:
+        spectra = {}
+        for name in SHAPES_8B:
+            m = sum(c * float(t[name]["scale"]) * (t[name]["lora_A"] @ t[name]["lora_B"]) for t, c in items)
+            u, sv, vt = np.linalg.svd(m, full_matrices=False)
+            _ = (u[:, :r] * np.sqrt(sv[:r]), np.sqrt(sv[:r])[:, None] * vt[:r])
+            spectra[name] = sv[:r].astype(np.float64).tolist()
+    seconds = time.perf_counter() - t
+    json.dump({"seconds": seconds, "peak_rss_gib": _hwm_kb() / 2**20, "inputs_rss_gib": base_kb / 2**20,
+               "spectra": spectra}, open(path, "w"))
+
+
+def bench_combine(r: int):
+    import subprocess
+
+    out = {}
+    for kind in ("fa_jax", "dense"):
+        fd, path = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--combine-worker", kind, "--rank", str(r),
+                        "--result", path], check=True)
+        out[kind] = json.load(open(path))
+        os.unlink(path)
+    rel = max(float(np.max(np.abs(np.asarray(out["fa_jax"]["spectra"][n]) - np.asarray(out["dense"]["spectra"][n]))
+                           / np.asarray(out["dense"]["spectra"][n]))) for n in SHAPES_8B)
+    return out, rel
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--merge-gib", type=float, default=1.0)
+    ap.add_argument("--only-combine", action="store_true", help="run benchmark 3 alone")
+    ap.add_argument("--combine-worker", choices=("fa_jax", "dense"), help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.combine_worker:
+        combine_worker(a.combine_worker, a.rank, a.result)
+        return
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, JAX {jax.__version__} on {jax.devices()[0].platform}")
+    res, rel = bench_combine(a.rank)
+    f, d = res["fa_jax"], res["dense"]
+    print(f"two rank-{a.rank} LoRAs -> one rank-{a.rank} LoRA, one Llama-3.1-8B layer (7 matrices): treemath.combine "
+          f"{f['seconds']:.2f} s, peak RSS {f['peak_rss_gib']:.2f} GiB; dense route (form, sum, SVD) "
+          f"{d['seconds']:.1f} s, peak RSS {d['peak_rss_gib']:.2f} GiB (inputs {d['inputs_rss_gib']:.2f} GiB); "
+          f"speed-up {d['seconds'] / f['seconds']:.0f}x, max relative singular-value difference {rel:.1e}")
+    if a.only_combine:
+        return
     t_qr, t_dense, rel = bench_svd(a.n, a.rank)
     print(f"SVD of a rank-{a.rank} product {a.n}x{a.n}: QR route {t_qr * 1e3:.1f} ms, dense SVD {t_dense:.2f} s, "
           f"speed-up {t_dense / t_qr:.0f}x (target >= 50x); max relative singular-value difference {rel:.1e} "
