@@ -56,6 +56,14 @@ class TopK(NamedTuple):
     tail: jax.Array
 
 
+def _log_mass_outside(logp, ids):
+    """log of the probability of every token but `ids` [..., k] (distinct), from log-probabilities [..., V]: a
+    log-sum-exp over the other entries, exact however much mass the k tokens hold."""
+    index = jnp.indices(ids.shape, sparse=True)[:-1]  # broadcasting row indices, for the scatter
+    chosen = jnp.zeros(logp.shape, bool).at[(*index, ids)].set(True)
+    return jax.nn.logsumexp(jnp.where(chosen, -jnp.inf, logp), axis=-1)
+
+
 def _sparse_teacher_terms(s, ls, t: TopK, keep, divergence, beta):
     """Per-token divergence and agreement against a `TopK` teacher, on the coarse distributions over the k cached
     tokens plus one tail bucket (the student's bucket is its probability outside those k tokens).
@@ -78,9 +86,7 @@ def _sparse_teacher_terms(s, ls, t: TopK, keep, divergence, beta):
     lt = jnp.where(keep[..., None], t.logp.astype(jnp.float32), uniform)
     ls_k = jnp.take_along_axis(ls, ids, axis=-1)
     if k < v:
-        index = jnp.indices(ids.shape, sparse=True)[:-1]  # broadcasting row indices, for the scatter
-        cached = jnp.zeros(ls.shape, bool).at[(*index, ids)].set(True)
-        ls_tail = jax.nn.logsumexp(jnp.where(cached, -jnp.inf, ls), axis=-1)
+        ls_tail = _log_mass_outside(ls, ids)
         tail = jnp.where(keep, t.tail.astype(jnp.float32), uniform)
         lt, ls_k = jnp.concatenate([lt, tail[..., None]], -1), jnp.concatenate([ls_k, ls_tail[..., None]], -1)
     pt = jnp.exp(lt)
@@ -278,9 +284,7 @@ def teacher_topk(hidden, head, *, vocab: int, k: int, temperature=1.0, chunk_siz
         lt = jax.nn.log_softmax(_head(h, head, head_vd) / temperature, axis=-1)  # [B, C, V]
         logp, ids = jax.lax.top_k(lt, k)
         if k < lt.shape[-1]:
-            index = jnp.indices(ids.shape, sparse=True)[:-1]
-            tail = jax.nn.logsumexp(jnp.where(jnp.zeros(lt.shape, bool).at[(*index, ids)].set(True), -jnp.inf, lt),
-                                    axis=-1)
+            tail = _log_mass_outside(lt, ids)
         else:
             tail = jnp.full(lt.shape[:-1], -jnp.inf)
         return ids, logp, tail
