@@ -8,6 +8,7 @@
     fa-jax diff --base DIR --tuned DIR --out DIR    # RE-Adapter = tuned - base
     fa-jax truncate --delta DIR (--tau 0.5 | --rank 64) --out DIR   # LoRE-Adapter (PEFT LoRA directory)
     fa-jax merge --base DIR --adapter DIR[:SCALE] ... --out DIR   # partial adaptation -> HF directory
+    fa-jax tune-merge --base DIR --adapter A --adapter B --probe FILE [--target DIR] --out DIR   # learned scales
     fa-jax compile --config FILE --topology v5e-8 [key=value ...]  # per-chip HBM, collectives, roofline on a TPU
 
 User mistakes are reported as one line on stderr with exit status 2; no traceback. `pretrain` and `sft` exit with
@@ -23,8 +24,10 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from fa_jax import adapters as adapters_lib
-from fa_jax import aot, distributed, evaluate, precompute, readapt, run_config, runs, sft, train, treemath
+from fa_jax import aot, distributed, evaluate, precompute, readapt, run_config, runs, sft, train, treemath, tune_merge
 from fa_jax.config import load_config
 from fa_jax.embedded import resolve_model_path
 from fa_jax.errors import FaJaxError
@@ -244,18 +247,22 @@ def _budget_arg(text: str):
     return value
 
 
-def _parse_adapter(text: str):
+def _parse_adapter(text: str, default: float = 1.0):
     path, _, scale = text.rpartition(":")
     if not path or not scale:
-        return text, 1.0
+        return text, default
     try:
         return path, float(scale)
     except ValueError:
-        return text, 1.0  # a ':' inside the path, no scale
+        return text, default  # a ':' inside the path, no scale
 
 
 def _merge(args) -> None:
-    adapters = [_parse_adapter(a) for a in args.adapter]
+    if args.scales and args.adapter:
+        raise FaJaxError("--scales names the adapters and their per-layer scales; give it instead of --adapter")
+    if not args.scales and not args.adapter:
+        raise FaJaxError("give --adapter DIR[:SCALE] (one or more) or --scales TUNED_DIR")
+    adapters = tune_merge.read_scales(args.scales) if args.scales else [_parse_adapter(a) for a in args.adapter]
     limits = {"--tau": args.tau, "--rank": args.rank, "--budget": args.budget}
     if args.as_lora:
         if sum(v is not None for v in limits.values()) != 1:
@@ -265,7 +272,7 @@ def _merge(args) -> None:
         report = readapt.merge_as_lora(args.base, adapters, args.out, tau=args.tau, rank=args.rank,
                                        budget=args.budget, overwrite=args.overwrite)
         ranks = sorted(report["rank_pattern"].values())
-        print(f"wrote {os.path.abspath(args.out)}: one LoRA = " + " + ".join(f"{s:g} * {p}" for p, s in adapters)
+        print(f"wrote {os.path.abspath(args.out)}: one LoRA = " + " + ".join(f"{_scale_text(s)} * {p}" for p, s in adapters)
               + f", {report['params']:,} parameters ({100 * report['params'] / report['dense_params']:.2f}% of the "
               f"{report['dense_params']:,} dense ones), ranks {ranks[0]}..{ranks[-1]} over {len(ranks)} modules")
         return
@@ -274,11 +281,39 @@ def _merge(args) -> None:
         raise FaJaxError(f"{given[0]} applies with --as-lora (a merged model is not truncated)")
     readapt.merge(args.base, adapters, args.out, overwrite=args.overwrite, dtype=args.dtype,
                   tokenizer_dir=args.tokenizer)
-    print(f"wrote {os.path.abspath(args.out)} = base + " + " + ".join(f"{s:g} * {p}" for p, s in adapters))
+    print(f"wrote {os.path.abspath(args.out)} = base + " + " + ".join(f"{_scale_text(s)} * {p}" for p, s in adapters))
     if args.tokenizer is None and not readapt.has_chat_template(args.base):
         instruct = readapt.tuned_of(adapters) or "INSTRUCT_DIR"
         print(f"note: the base's tokenizer has no chat template, so fa-jax eval --qa on {args.out} prompts without "
               f"one; merge with --tokenizer {instruct} to carry the instruct model's", file=sys.stderr)
+
+
+def _scale_text(s) -> str:
+    if isinstance(s, dict):
+        v = s["layers"]
+        return f"[{min(v):.3g}..{max(v):.3g} by layer]"
+    return f"{s:g}"
+
+
+def _tune_merge(args) -> None:
+    adapters = [_parse_adapter(a, default=0.5) for a in args.adapter]
+    result = tune_merge.tune_merge(
+        args.base, adapters, args.probe, args.out, target=args.target, domain=args.domain, kl_weight=args.kl_weight,
+        lm_weight=args.lm_weight, steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size,
+        max_rows=args.max_rows, temperature=args.temperature, dtype=args.compute_dtype, as_lora=args.as_lora,
+        tau=args.tau, rank=args.rank, budget=args.budget, merged=not args.scales_only, tokenizer_dir=args.tokenizer,
+        overwrite=args.overwrite)
+    b, a = result["before"], result["after"]
+    terms = lambda r: ", ".join(f"{k} {r[k]:.4f}" for k in ("kl", "lm") if r[k] is not None)
+    print(f"objective over the probe rows: {b['loss']:.4f} ({terms(b)}) at the initial scales -> {a['loss']:.4f} "
+          f"({terms(a)}) after {args.steps} steps")
+    for ad in result["adapters"]:
+        v = [ad["layers"][i] for i in ad["layers_used"]]
+        print(f"  {ad['path']}: init {ad['init']:g}, learned {min(v):.3f}..{max(v):.3f} (mean {np.mean(v):.3f}) "
+              f"over {len(v)} layers")
+    out = os.path.abspath(args.out)
+    what = "lora/ (one PEFT LoRA)" if "lora" in result else "merged/ (an HF directory)" if "merged" in result else ""
+    print(f"wrote {out}: scales.json, scales.png" + (f", {what}" if what else ""))
 
 
 def _compile(args) -> None:
@@ -401,8 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_compile)
     s = sub.add_parser("merge", help="partial adaptation: base + sum of scaled adapters, as an HF directory")
     s.add_argument("--base", required=True, help="the base model (HF directory)")
-    s.add_argument("--adapter", action="append", required=True, metavar="DIR[:SCALE]",
+    s.add_argument("--adapter", action="append", metavar="DIR[:SCALE]",
                    help="an RE-Adapter, PEFT LoRA/LoRE directory or fa_jax run, with its scale (default 1)")
+    s.add_argument("--scales", metavar="TUNED",
+                   help="instead of --adapter: the adapters and per-layer scales learned by fa-jax tune-merge (its "
+                        "output directory or scales.json)")
     s.add_argument("--out", required=True, help="output HF directory")
     s.add_argument("--dtype", type=_dtype_arg, help="storage dtype of the output (default: the base's)")
     s.add_argument("--tokenizer", metavar="DIR",
@@ -419,6 +457,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a number of parameters (5000000); the largest singular values win wherever they are")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_merge)
+    s = sub.add_parser("tune-merge", help="learn one merge scale per adapter per layer from probe text "
+                                          "(KL to a target model and/or the LM loss), then merge")
+    s.add_argument("--base", required=True, help="the base model (HF directory)")
+    s.add_argument("--adapter", action="append", required=True, metavar="DIR[:INIT]",
+                   help="an adapter as fa-jax merge takes it, with its initial scale (default 0.5); give two or more")
+    s.add_argument("--probe", required=True, metavar="FILE", help="text for the KL term (paragraphs)")
+    s.add_argument("--target", metavar="MODEL", help="the model to match on the probe text (e.g. the instruct "
+                                                      "model; same vocabulary); without it the LM loss alone")
+    s.add_argument("--domain", metavar="FILE", help="text for the LM term (default: the probe text)")
+    s.add_argument("--kl-weight", type=float, default=1.0)
+    s.add_argument("--lm-weight", type=float, help="default: 1 with --domain or without --target, else 0")
+    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--lr", type=float, default=0.02, help="Adam learning rate on the scales (cosine to lr/10)")
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=4, help="rows per step")
+    s.add_argument("--max-rows", type=int, default=64, help="most rows read from each text")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--compute-dtype", type=_dtype_arg, help="dtype of the forward pass (default: float32)")
+    s.add_argument("--as-lora", action="store_true", help="write one PEFT LoRA (out/lora) instead of a merged model; "
+                                                          "with one of --tau, --rank, --budget")
+    s.add_argument("--tau", type=float)
+    s.add_argument("--rank", type=int)
+    s.add_argument("--budget", type=_budget_arg)
+    s.add_argument("--scales-only", action="store_true", help="write scales.json and the plot only")
+    s.add_argument("--tokenizer", metavar="DIR", help="the merged model's tokenizer files from DIR (as fa-jax merge)")
+    s.add_argument("--out", required=True, help="output directory: scales.json, scales.png, merged/ or lora/")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_tune_merge)
     return p
 
 

@@ -38,7 +38,9 @@ def _row_blocks(shape):
     return [(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
-def _open_model(path: str, role: str):
+def open_model(path: str, role: str):
+    """(config, CheckpointReader, {param path: HF tensor name}) of a Hugging Face directory; `role` names it in
+    errors ("base", "tuned")."""
     if not os.path.isdir(path):
         raise FaJaxError(f"{role} {path}: no such directory")
     config = config_lib.load_config(path)
@@ -51,8 +53,8 @@ def diff(base_dir: str, tuned_dir: str, out_dir: str, *, linear_only: bool = Fal
     """Write tuned - base (float32) for every tensor, with the Hugging Face names, as an RE-Adapter directory."""
     if os.path.exists(out_dir) and not overwrite:
         raise FaJaxError(f"{out_dir}: output directory already exists (pass --overwrite)")
-    bcfg, breader, bnames = _open_model(base_dir, "base")
-    tcfg, treader, tnames = _open_model(tuned_dir, "tuned")
+    bcfg, breader, bnames = open_model(base_dir, "base")
+    tcfg, treader, tnames = open_model(tuned_dir, "tuned")
     if bcfg != tcfg:
         fields = [f for f in bcfg.__dataclass_fields__ if getattr(bcfg, f) != getattr(tcfg, f) and f != "hf_config"]
         raise FaJaxError(f"diff: base {base_dir} and tuned {tuned_dir} have different architectures "
@@ -201,7 +203,7 @@ def _base_reader(config, delta_dir: str):
         where = f"its base {base} is not there" if base else f"{delta_dir} names no base ({DELTA_META})"
         return None, (f"{where}: the embedding, LM head and norm deltas went to {peft.EXTRA} instead of PEFT "
                       f"modules_to_save (fa-jax merge applies them; PEFT does not load that file)")
-    bcfg, reader, _ = _open_model(base, "base")
+    bcfg, reader, _ = open_model(base, "base")
     if bcfg != config:
         raise FaJaxError(f"truncate: the base {base} named in {os.path.join(delta_dir, DELTA_META)} has a different "
                          f"architecture than the delta")
@@ -321,11 +323,37 @@ def _non_matrix_of(path: str, config, base_names, reader) -> dict:
     return out
 
 
+def adapter_tree(path: str, config, base_dir: str, base, reader, names):
+    """One adapter for `merge` as an in-memory tree at the base's parameter paths (what `treemath.merge` takes):
+    a PEFT directory's LoRA / DoRA modules plus its non-matrix tensors as dense deltas (modules_to_save: saved -
+    base; a LoRE's side file as it is), a fa_jax run's adapter, or a dense RE-Adapter's tensors. base: the base
+    params; reader and names: `open_model(base_dir)`'s. A dense RE-Adapter is read whole (model-sized)."""
+    kind, a = load_adapter(path, config, base_dir)
+    by_name = {n: p for p, n in names.items()}
+    flat = {}
+    if kind == "dense":
+        for p, n in names.items():
+            if n in a:
+                x = a.get(n).astype(np.float32)
+                flat[p] = jnp.asarray(x.T if hf.is_transposed(p) else x)
+        return unflatten(flat)
+    flat = dict(flatten(a))
+    for n, (what, st, key) in _non_matrix_of(path, config, set(names.values()), reader).items():
+        p = by_name[n]
+        x = st.get(key).astype(np.float32)
+        x = x - reader.get(n).astype(np.float32) if what == "full" else x
+        x = jnp.asarray(x.T if hf.is_transposed(p) else x)
+        flat[p] = flat[p] + x if p in flat else x
+    return unflatten(flat)
+
+
 def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dtype=None, max_shard_size="5GB",
           tokenizer: bool = True, tokenizer_dir: str | None = None) -> str:
     """W = base + sum(scale_i * delta_i), tensor by tensor, as an HF directory transformers loads.
 
-    adapters: [(path, scale), ...]; each a dense RE-Adapter, a PEFT LoRA/DoRA/LoRE directory or a fa_jax run.
+    adapters: [(path, scale), ...]; each a dense RE-Adapter, a PEFT LoRA/DoRA/LoRE directory or a fa_jax run; a
+    scale is a number or one per layer ({"layers": [...], "other": s}, `treemath.check_scale`; what
+    `fa-jax tune-merge` learns).
     Every delta is taken from the base (a DoRA module's, m * V / ||V|| - W, depends on it), as `treemath.merge`.
     tokenizer: copy the tokenizer files (`TOKENIZER_FILES`) into out_dir, from `tokenizer_dir` when given (the
     instruct model's directory: its chat template and end-of-turn token), else from the base.
@@ -334,10 +362,11 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
         raise FaJaxError(f"{out_dir}: output directory already exists (pass --overwrite)")
     if tokenizer and tokenizer_dir is not None:
         check_tokenizer_dir(tokenizer_dir)
-    config, reader, names = _open_model(base_dir, "base")
-    loaded = [(load_adapter(p, config, base_dir), float(s)) for p, s in adapters]
+    config, reader, names = open_model(base_dir, "base")
+    scales = [treemath.check_scale(s, f"--adapter {p}") for p, s in adapters]
+    loaded = [(load_adapter(p, config, base_dir), s) for (p, _), s in zip(adapters, scales)]
     lora_flat = [(flatten(a) if kind == "lora" else None, kind, a, s) for (kind, a), s in loaded]
-    extras = [(_non_matrix_of(p, config, set(names.values()), reader), float(s)) for p, s in adapters]
+    extras = [(_non_matrix_of(p, config, set(names.values()), reader), s) for (p, _), s in zip(adapters, scales)]
     out_dt = None if dtype is None else np.dtype(jnp.dtype(dtype))
 
     def fetch(path, name, dt):
@@ -346,7 +375,8 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
         for i, j in _row_blocks(reader.shape(name)):
             w0 = reader.get_rows(name, i, j).astype(np.float32)
             w = w0
-            for flat, kind, a, s in lora_flat:
+            for flat, kind, a, scale in lora_flat:
+                s = treemath.scale_at(scale, path)
                 if kind == "dense":
                     if name in a:
                         w = w + s * a.get_rows(name, i, j).astype(np.float32)
@@ -359,8 +389,9 @@ def merge(base_dir: str, adapters, out_dir: str, *, overwrite: bool = False, dty
                         w = w + s * (v * (mag / np.linalg.norm(v, axis=1))[:, None] - w0)
                     else:
                         w = w + (s * float(flat[f"{m}.scale"])) * (A @ B).T
-            for extra, s in extras:  # a LoRE's kept non-matrix tensors: delta = saved - base, or the side file's
+            for extra, scale in extras:  # a LoRE's kept non-matrix tensors: delta = saved - base, or the side file's
                 if name in extra:
+                    s = treemath.scale_at(scale, path)
                     kind, st, key = extra[name]
                     t = st.get_rows(key, i, j).astype(np.float32)
                     w = w + s * (t - w0 if kind == "full" else t)
@@ -399,7 +430,7 @@ def merge_as_lora(base_dir: str, adapters, out_dir: str, *, tau: float | None = 
         if kind != "lora":
             raise FaJaxError(f"--adapter {path}: a dense RE-Adapter; --as-lora combines low-rank adapters (make it a "
                              "LoRE first: fa-jax truncate --delta DIR --tau 0.5 --out LORE)")
-        trees.append((tree, float(scale)))
+        trees.append((tree, treemath.check_scale(scale, f"--adapter {path}")))
     base = None
     if any(lora_lib.is_dora(ad) for tree, _ in trees for _, ad in lora_lib.iter_modules(tree)):
         base = hf.load_hf(base_dir)[1]  # DoRA deltas depend on the base kernels
@@ -409,7 +440,7 @@ def merge_as_lora(base_dir: str, adapters, out_dir: str, *, tau: float | None = 
     with atomic_dir(out_dir, overwrite) as tmp:
         peft.write_peft(config, lora, tmp, base_model_name_or_path=os.path.abspath(base_dir))
         write_text(os.path.join(tmp, "lore_report.json"), json.dumps(
-            {"adapters": [[p, float(s)] for p, s in adapters], "tau": tau, "rank": rank, "budget": report.get("budget"),
+            {"adapters": [[p, s] for p, (_, s) in zip((p for p, _ in adapters), trees)], "tau": tau, "rank": rank, "budget": report.get("budget"),
              "params": report["params"], "dense_params": report["dense_params"],
              "rank_pattern": report["rank_pattern"]}, indent=2) + "\n")
     return report

@@ -5,6 +5,7 @@ All functions are pure: they return new trees and never modify their inputs.
     delta = difference(instruct, base)                      # the RE-Adapter, full rank
     lore, report = truncate(delta, tau=0.5)                 # LoRE-Adapter: per matrix, smallest rank reaching tau
     params = merge(base, [(knowledge, 0.5), (delta, 0.5)])  # partial adaptation
+    params = merge(base, [(a, {"layers": [0.2, 0.4, ...], "other": 0.5})])  # one scale per layer (fa-jax tune-merge)
 
 An adapter tree mixes two kinds of entries at base-parameter paths: dense deltas (a leaf with the base's name:
 `kernel`, `bias`, `weight`, `embedding`) and LoRA modules (`{"lora_A", "lora_B", "scale"}` at a module path,
@@ -26,6 +27,46 @@ from fa_jax.errors import FaJaxError
 from fa_jax.tree import flatten, get_path, unflatten
 
 MATRIX_LEAF = "kernel"  # linear layers; embeddings and norms are not decomposed
+
+
+def layer_of(path: str) -> int | None:
+    """The decoder layer a parameter path belongs to (`model.layers.<i>. ...`), or None (embedding, final norm,
+    LM head, prompts)."""
+    parts = path.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def check_scale(scale, where: str = "merge"):
+    """A merge scale: a number, or per layer {"layers": [s_0, ..., s_{L-1}], "other": s} ("other": the tensors
+    outside the decoder layers). Returns it with floats; a FaJaxError names what is wrong."""
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        if not np.isfinite(float(scale)):
+            raise FaJaxError(f"{where}: scale {scale!r} is not finite")
+        return float(scale)
+    if isinstance(scale, dict) and set(scale) <= {"layers", "other"} and "layers" in scale:
+        layers = scale["layers"]
+        if isinstance(layers, (list, tuple, np.ndarray)) and len(layers) and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(float(v)) for v in layers):
+            other = scale.get("other", 1.0)
+            if isinstance(other, numbers.Real) and not isinstance(other, bool) and np.isfinite(float(other)):
+                return {"layers": [float(v) for v in layers], "other": float(other)}
+    raise FaJaxError(f"{where}: scale {scale!r}; expected a number or {{\"layers\": [one number per layer], "
+                     "\"other\": number}")
+
+
+def scale_at(scale, path: str, where: str = "merge") -> float:
+    """The scale a per-layer `scale` (`check_scale`) gives the parameter at `path`; a number is the same everywhere."""
+    if not isinstance(scale, dict):
+        return float(scale)
+    i = layer_of(path)
+    if i is None:
+        return float(scale.get("other", 1.0))
+    if i >= len(scale["layers"]):
+        raise FaJaxError(f"{where}: {path} is in layer {i}, but the per-layer scale has {len(scale['layers'])} "
+                         "layers")
+    return float(scale["layers"][i])
 
 
 def _is_matrix(path: str, x) -> bool:
@@ -151,7 +192,7 @@ def truncate(delta, tau: float | None = None, rank: int | None = None, keep_non_
             k = f"{path}.{MATRIX_LEAF}"
             flat[k] = d + flat[k].astype(jnp.float32) if k in flat else d
             continue
-        _check_factors(path, ad, "truncate")
+        check_factors(path, ad, "truncate")
         u, s, vt = lowrank_svd(ad["lora_A"] * ad["scale"].astype(jnp.float32), ad["lora_B"])
         svds[path] = (u, s, vt)
     non_matrix = 0
@@ -209,7 +250,7 @@ def param_shares(params: int, dense_params: int, non_matrix_params: int, model_p
             "share_of_linear": params / dense_params if dense_params else 0.0}
 
 
-def _check_factors(path: str, ad, caller: str) -> None:
+def check_factors(path: str, ad, caller: str) -> None:
     """A one-line error (not a matmul traceback) when a module's lora_A [I, R] and lora_B [R, O] do not chain."""
     a, b = tuple(np.shape(ad["lora_A"])), tuple(np.shape(ad["lora_B"]))
     if len(a) != 2 or len(b) != 2 or a[1] != b[0]:
@@ -219,7 +260,7 @@ def _check_factors(path: str, ad, caller: str) -> None:
 
 def _module_delta(path: str, ad, base, caller: str):
     """The dense [I, O] float32 delta of one LoRA (scale * A @ B) or DoRA (m * V / ||V||_c - W) module."""
-    _check_factors(path, ad, caller)
+    check_factors(path, ad, caller)
     if not lora_lib.is_dora(ad):
         return ad["scale"].astype(jnp.float32) * (ad["lora_A"].astype(jnp.float32) @ ad["lora_B"].astype(jnp.float32))
     if base is None:
@@ -255,20 +296,22 @@ def to_dense(adapter, base=None):
 
 
 def merge(base, adapters):
-    """`base + sum(scale_i * delta_i)` for [(adapter, scale), ...]; each adapter's deltas are added separately, so
+    """`base + sum(scale_i * delta_i)` for [(adapter, scale), ...] (a scale is a number or one per layer,
+    `check_scale`); each adapter's deltas are added separately, so
     there are no cross terms between different adapters' A and B. Leaves keep the base's dtype (the sum is formed in
     float32). A DoRA module's delta is computed from this base: m * V / ||V||_c - W with V = W + scale * A @ B (at
     scale 1 the merged kernel is PEFT's merged DoRA weight). `unmerge` is the same call with negative scales."""
     flat = flatten(base)
     acc: dict[str, jnp.ndarray] = {}
     for i, (adapter, scale) in enumerate(adapters):
+        scale = check_scale(scale, "merge")
         for p, d in flatten(to_dense(adapter, base)).items():
             if p not in flat:
                 raise FaJaxError(f"merge: adapter {i} has {p}, which the base model does not have")
             if tuple(d.shape) != tuple(flat[p].shape):
                 raise FaJaxError(f"merge: adapter {i} has {p} of shape {list(d.shape)}, the base has "
                                  f"{list(flat[p].shape)}")
-            term = float(scale) * d.astype(jnp.float32)
+            term = scale_at(scale, p) * d.astype(jnp.float32)
             acc[p] = acc[p] + term if p in acc else term
     out = dict(flat)
     for p, d in acc.items():
@@ -284,7 +327,11 @@ def unmerge(merged, adapters):
         if dora:
             raise FaJaxError(f"unmerge: adapter {i} has DoRA modules ({dora[0]}, ...): a DoRA merge cannot be undone "
                              "from the merged weights (its delta depends on the base); merge the base again instead")
-    return merge(merged, [(a, -float(s)) for a, s in adapters])
+    def negated(s):
+        s = check_scale(s, "unmerge")
+        return {"layers": [-v for v in s["layers"]], "other": -s["other"]} if isinstance(s, dict) else -s
+
+    return merge(merged, [(a, negated(s)) for a, s in adapters])
 
 
 def subspace_similarity(A1, A2, i: int, j: int) -> float:
@@ -365,7 +412,7 @@ def param_share_curve(spectra: dict, taus, fixed: int = 0, total: int | None = N
 def combine(adapters, tau: float | None = None, rank: int | None = None, budget: float | None = None, base=None):
     """The weighted sum of several adapters as one LoRA: sum_i scale_i * delta_i, truncated. Returns (lora, report).
 
-    adapters: [(tree, scale), ...]; each tree holds LoRA modules and/or dense `kernel` deltas (and DoRA modules with
+    adapters: [(tree, scale), ...] (a scale is a number or one per layer, `check_scale`); each tree holds LoRA modules and/or dense `kernel` deltas (and DoRA modules with
     `base`). A module whose terms are all LoRA is combined from the factors: A = [c_1 A_1, c_2 A_2, ...] [I, sum R],
     B = [B_1; B_2; ...] [sum R, O] (c_i = scale_i * the module's own scale), QR of both sides and the SVD of the
     small core (`lowrank_svd`), so the dense [I, O] matrix is never formed. A module with any dense term (a dense
@@ -390,18 +437,20 @@ def combine(adapters, tau: float | None = None, rank: int | None = None, budget:
         raise FaJaxError("combine: no adapters given; expected [(adapter, scale), ...]")
     terms: dict[str, list] = {}  # path -> [("factors", A, B) | ("dense", D)]
     for i, (tree, scale) in enumerate(adapters):
-        c = float(scale)
+        scale = check_scale(scale, "combine")
         modules = dict(lora_lib.iter_modules(tree))
         for path, ad in modules.items():
+            c = scale_at(scale, path, "combine")
             if lora_lib.is_dora(ad):
                 terms.setdefault(path, []).append(("dense", c * _module_delta(path, ad, base, "combine")))
                 continue
-            _check_factors(path, ad, "combine")
+            check_factors(path, ad, "combine")
             a = ad["lora_A"].astype(jnp.float32) * (c * ad["scale"].astype(jnp.float32))
             terms.setdefault(path, []).append(("factors", a, ad["lora_B"].astype(jnp.float32)))
         skip = {f"{p}.{k}" for p, ad in modules.items() for k in ad}
         for p, x in flatten(tree).items():
             if p not in skip and _is_matrix(p, x) and p.endswith("." + MATRIX_LEAF):
+                c = scale_at(scale, p, "combine")
                 terms.setdefault(p[: -len(MATRIX_LEAF) - 1], []).append(("dense", c * jnp.asarray(x, jnp.float32)))
     svds, sources = {}, {}
     for path, ts in sorted(terms.items()):
