@@ -36,8 +36,12 @@ Then the first seed's KD adapter is merged into the student at partial scales (`
 s * scale * A @ B for s in 0 .. 1) and its LoRE spectrum is taken (`treemath.truncate`: how much of each matrix's
 update a smaller rank explains); the LoRE at the first tau is scored too. These are scored on a spread-out part of
 the held-out rows (`TeacherReference.subset`, about `sweep_rows` x `seq_len` tokens) to keep the run short.
-Everything lands in `out_dir`: results.json, results.md, predictions.json, training_curves.png, ablation.png,
-partial_adaptation.png, lore_spectrum.png, and per seed the two runs' own directories (seed<N>/cpt, seed<N>/kd with
+Then the same seed's KD and CPT adapters are recombined (`merging`, `merge_steps` > 0): merged at fixed scales
+(a, b) in `MERGE_GRID`, at one scale per adapter per layer learned with `tune_merge.ScaleTuner` on train documents
+only (`tuning_documents`; the training objective, KL to the teacher + LM), and both (0.5, 0.5) and the learned scales
+as one LoRA under the parameter budget of one adapter (`treemath.combine`), with paired NLL differences over the
+held-out documents. Everything lands in `out_dir`: results.json, results.md, predictions.json, training_curves.png,
+ablation.png, partial_adaptation.png, lore_spectrum.png, merge_scales.png, and per seed the two runs' own directories (seed<N>/cpt, seed<N>/kd with
 metrics, checkpoint and the PEFT export).
 
 The pieces are public so a notebook can run them one at a time: `prepare`, `train_adapter`, `reference`, `score`,
@@ -60,7 +64,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fa_jax import data as data_lib
-from fa_jax import jargon, lora, precompute, run_config, stats, teacher_cache, train, treemath
+from fa_jax import evaluate, jargon, lora, precompute, run_config, stats, teacher_cache, train, treemath, tune_merge
 from fa_jax import sharding as sh
 from fa_jax.errors import FaJaxError
 from fa_jax.evaluate import MultipleChoice, TeacherReference
@@ -275,6 +279,116 @@ def lore_spectrum(adapters, taus=TAUS) -> tuple[dict, dict]:
     return {"taus": per_tau, "lora_params": lora_params, "modules": len(spectra), "spectra": spectra}, report
 
 
+# ------------------------------------------------------------------------------------------- merging the adapters
+
+MERGE_GRID = ((1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (1.0, 0.5), (0.5, 1.0), (1.0, 1.0))
+
+
+def tuning_documents(setup: Setup, count: int = 64):
+    """The probe documents `fa-jax tune-merge` learns its scales on: the last `count` train documents (never a
+    held-out one)."""
+    n = len(setup.train_docs)
+    return setup.train_docs.select(range(max(0, n - int(count)), n))
+
+
+def merging(setup: Setup, ref, kd, cpt, *, seq_len: int = 256, batch_size: int = 4, rows: int = 16,
+            steps: int = 30, lr: float = 0.05, kd_alpha: float = 0.5, grid=MERGE_GRID, budget: int | None = None,
+            bootstrap_kw=None) -> dict:
+    """The KD and CPT adapters recombined, scored on `ref`'s rows (per document):
+
+    - fixed scales: W = W_student + a * delta_KD + b * delta_CPT for each (a, b) in `grid` (`treemath.merge`);
+    - learned scales: one per adapter per layer (`tune_merge.ScaleTuner`, from 0.5 / 0.5), fitted on `rows` rows of
+      train documents (`tuning_documents`) with the training objective, kd_alpha * KL(teacher || merged) +
+      (1 - kd_alpha) * CE, for `steps` Adam steps;
+    - each of (0.5, 0.5) and the learned scales as one LoRA under one parameter `budget` (`treemath.combine`;
+      default: the parameters of one of the two adapters), merged into the weights to score.
+
+    Returns {"fixed": [...], "learned": {...}, "as_lora": {...}, "differences": paired NLL differences over
+    documents, "per_document": {name: sums}}."""
+    boot = bootstrap_kw or {}
+    zero = jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding), kd)
+    per_doc = {}
+
+    def scored(name, adapters):
+        merged = jax.tree.map(lambda m, w: jax.device_put(m, w.sharding),
+                              treemath.merge(setup.student, adapters), setup.student)
+        row = score(setup, ref, adapters=zero, params=merged)
+        per_doc[name] = row.pop("per_document", None)
+        return row
+
+    fixed = []
+    for a, b in tqdm(grid, desc="merge grid", unit="merge", leave=False):
+        fixed.append({"kd": a, "cpt": b, **scored(f"fixed {a:g}/{b:g}", [(kd, a), (cpt, b)])})
+    docs = tuning_documents(setup, 4 * rows)
+    probe = [b for b, _ in zip(evaluate._batches(setup.tokenizer, docs, seq_len, batch_size, True, True, "text",
+                                                 "paragraph"), range(-(-rows // batch_size)))]
+    t0 = time.perf_counter()
+    tuner = tune_merge.ScaleTuner(setup.student_cfg, setup.student, [kd, cpt], probe,
+                                  target=(setup.teacher_cfg, setup.teacher), kl_weight=kd_alpha,
+                                  lm_weight=1.0 - kd_alpha, init=(0.5, 0.5))
+    before = tuner.loss(tuner.initial())
+    fit = tuner.fit(steps=steps, lr=lr)
+    after = tuner.loss(fit["scales"])
+    seconds = time.perf_counter() - t0
+    learned_scales = tuner.scale_dicts(fit["scales"])
+    del tuner
+    learned = {"scales": {"kd": learned_scales[0]["layers"], "cpt": learned_scales[1]["layers"]},
+               "objective_before": before, "objective_after": after, "history": fit["history"], "steps": steps,
+               "lr": lr, "probe_rows": sum(int(b["tokens"].shape[0]) for b in probe), "probe_documents": len(docs),
+               "seconds": round(seconds, 1), **scored("learned", [(kd, learned_scales[0]), (cpt, learned_scales[1])])}
+    if budget is None:
+        budget = sum(int(np.prod(m["lora_A"].shape)) + int(np.prod(m["lora_B"].shape))
+                     for _, m in lora.iter_modules(kd))
+    as_lora = {"budget": int(budget)}
+    for name, scales in (("fixed 0.5/0.5", (0.5, 0.5)), ("learned", learned_scales)):
+        combined, report = treemath.combine(list(zip((kd, cpt), scales)), budget=int(budget))
+        ranks = list(report["rank_pattern"].values())
+        as_lora[name] = {"params": report["params"], "min_rank": min(ranks, default=0),
+                         "max_rank": max(ranks, default=0), "modules": len(ranks),
+                         **scored(f"{name} as one LoRA", [(combined, 1.0)])}
+    best = min(fixed, key=lambda r: r["nll"])
+    best_name = f"fixed {best['kd']:g}/{best['cpt']:g}"
+    pairs = [("learned - fixed 0.5/0.5", "learned", "fixed 0.5/0.5"),
+             (f"learned - best fixed ({best_name[6:]})", "learned", best_name),
+             ("learned - KD alone", "learned", "fixed 1/0"),
+             ("fixed 0.5/0.5 as one LoRA - fixed 0.5/0.5", "fixed 0.5/0.5 as one LoRA", "fixed 0.5/0.5"),
+             ("learned as one LoRA - learned", "learned as one LoRA", "learned")]
+    diffs = differences(per_doc, pairs, **boot) if all(per_doc.values()) else {}
+    return {"fixed": fixed, "learned": learned, "as_lora": as_lora, "differences": diffs,
+            "best_fixed": best_name, "per_document": per_doc}
+
+
+def format_merging(merge: dict, seed: int = 0) -> str:
+    """The merging study as text: fixed and learned scales, both as one LoRA, and the paired NLL differences."""
+    rows = {f"KD {r['kd']:g} + CPT {r['cpt']:g}": r for r in merge["fixed"]}
+    learned = merge["learned"]
+    kd, cpt = np.asarray(learned["scales"]["kd"]), np.asarray(learned["scales"]["cpt"])
+    rows[f"learned (KD {kd.min():.2f}..{kd.max():.2f}, CPT {cpt.min():.2f}..{cpt.max():.2f})"] = learned
+    b = merge["as_lora"]["budget"]
+    for name in ("fixed 0.5/0.5", "learned"):
+        r = merge["as_lora"][name]
+        rows[f"{name}, one LoRA (ranks {r['min_rank']}..{r['max_rank']})"] = r
+    out = [f"\nthe KD and CPT adapters merged (seed {seed}, same rows as the partial adaptation); scales learned on "
+           f"{learned['probe_rows']} train rows in {learned['steps']} steps ({learned['seconds']:.0f} s): objective "
+           f"{learned['objective_before']['loss']:.4f} -> {learned['objective_after']['loss']:.4f}; one LoRA: "
+           f"budget {b:,} parameters (one adapter's)",
+           format_table(rows, "merge")]
+    if merge["differences"]:
+        out.append("paired ΔNLL over held-out documents, 95% interval: " + "; ".join(
+            f"{k} {stats.format_interval(v, signed=True)}" for k, v in merge["differences"].items()))
+    return "\n".join(out)
+
+
+def plot_merge_scales(merge: dict, path: str) -> str:
+    """The learned scales of the KD and CPT adapters against the student's layer, with the tuning loss."""
+    learned = merge["learned"]
+    result = {"adapters": [{"name": f"{k.upper()} adapter", "init": 0.5, "layers": v}
+                           for k, v in learned["scales"].items()],
+              "history": learned["history"], "before": learned["objective_before"],
+              "after": learned["objective_after"]}
+    return tune_merge.plot_scales(result, path)
+
+
 # ------------------------------------------------------------------------------------------- multiple choice
 
 
@@ -468,6 +582,8 @@ def format_markdown(results: dict) -> str:
                    f"{len(seeds)} seeds ({', '.join(str(s['seed']) for s in seeds)}): mean ± standard deviation "
                    "across seeds; the held-out documents and MC items are the same for every seed.")
     out = " ".join(caption) + "\n\n" + "\n".join(lines) + "\n"
+    if results.get("merging"):
+        out += "\n```" + format_merging(results["merging"], setting["seeds"][0]) + "\n```\n"
     if len(seeds) > 1:
         out += f"\nPer seed, {level} bootstrap intervals:\n\n"
         short = dict(zip(names, ("pruned", "CPT", "KD", "KD cache", "teacher") if cached else
@@ -573,14 +689,19 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
                  rank: int = 8, seq_len: int = 256, batch_size: int = 4, kd_alpha: float = 0.5,
                  held_out_fraction: float = 0.05, sweep_rows: int = 16, min_words: int = 20, scales=SCALES,
                  taus=TAUS, seeds=(0,), split_seed: int = 0, mc_items: int | None = 100,
-                 n_resamples: int = stats.N_RESAMPLES, mesh_shape=(-1, 1, 1), cache_k: int | None = 64) -> dict:
+                 n_resamples: int = stats.N_RESAMPLES, mesh_shape=(-1, 1, 1), cache_k: int | None = 64,
+                 merge_steps: int = 30, merge_rows: int = 16) -> dict:
     """The whole ablation (module docstring); prints the tables and returns what results.json holds.
     cache_k: also train the KD adapter from a top-`cache_k` teacher cache (a row beside the live-teacher KD row;
-    None: not)."""
+    None: not). merge_steps: the first seed's KD and CPT adapters recombined (`merging`: fixed scales, scales
+    learned on `merge_rows` train rows in `merge_steps` steps, and both as one LoRA under one budget; 0: not)."""
     seeds = parse_seeds(seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds)))
     # checked before anything trains
     if not isinstance(sweep_rows, int) or sweep_rows < 1:
         raise FaJaxError(f"sweep_rows={sweep_rows!r}: expected an integer >= 1")
+    for name, value, low in (("merge_steps", merge_steps, 0), ("merge_rows", merge_rows, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise FaJaxError(f"{name}={value!r}: expected an integer >= {low}")
     if mc_items is not None and (not isinstance(mc_items, int) or mc_items < 1):
         raise FaJaxError(f"mc_items={mc_items!r}: expected an integer >= 1 (or None for every eligible entry)")
     t0 = time.perf_counter()
@@ -626,7 +747,7 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
     t = lap("reference", t)
 
     kw = dict(steps=steps, lr=lr, rank=rank, seq_len=seq_len, batch_size=batch_size)
-    per_seed, predictions, adapters_of, histories = [], [], {}, {}
+    per_seed, predictions, adapters_of, cpt_of, histories = [], [], {}, {}, {}
     for seed in seeds:
         run_dir = os.path.join(out_dir, f"seed{seed}")
         cpt, cpt_summary = train_adapter(setup, os.path.join(run_dir, "cpt"), alpha=0.0, seed=seed, **kw)
@@ -670,6 +791,7 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
                             "mc": {n: _lists({k: m[k] for k in ("logprob", "tokens", "chosen", "chosen_per_token")})
                                    for n, m in mc_scores.items()}})
         adapters_of[seed] = kd
+        cpt_of[seed] = cpt
         histories[f"CPT (alpha 0), seed {seed}"] = _history(cpt_summary)
         histories[f"CPT+KD (alpha {kd_alpha:g}), seed {seed}"] = _history(kd_summary)
         if cache_k:
@@ -684,6 +806,11 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
     lore, _ = treemath.truncate(kd, tau=float(taus[0]))
     lore_row = _plain(score(setup, sub, adapters=lore))
     t = lap("lore", t)
+    merge = None
+    if merge_steps:
+        merge = merging(setup, sub, kd, cpt_of[seeds[0]], seq_len=seq_len, batch_size=batch_size, rows=merge_rows,
+                        steps=merge_steps, kd_alpha=kd_alpha, bootstrap_kw=boot_kw)
+        t = lap("merging", t)
 
     agg = aggregate(per_seed)
     means = {n: {m: agg["models"][n][m]["mean"] for m in ("perplexity", "kl", "top1_agreement")} for n in names}
@@ -694,6 +821,8 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
                                            os.path.join(out_dir, "partial_adaptation.png")),
         "lore_spectrum": plot_spectrum(report, os.path.join(out_dir, "lore_spectrum.png")),
     }
+    if merge is not None:
+        plots["merge_scales"] = plot_merge_scales(merge, os.path.join(out_dir, "merge_scales.png"))
     seconds["total"] = round(time.perf_counter() - t0, 1)
     held_texts = list(setup.held_out_docs["text"])
     results = {
@@ -715,6 +844,7 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
         "partial_adaptation_rows": {"seed": seeds[0], "rows": sub.rows, "tokens": sub.teacher_metrics["tokens"],
                                     "teacher": _plain(teacher_row(sub))},
         "lore": {**spectrum, "scored_tau": float(taus[0]), "scored": lore_row},
+        "merging": None if merge is None else {k: v for k, v in merge.items() if k != "per_document"},
         "predictions": os.path.join(out_dir, "predictions.json"),
         "plots": plots,
         "seconds": seconds,
@@ -738,6 +868,8 @@ def run_ablation(text, out_dir: str = "runs/demo", *, teacher: str = "embedded:s
     print(f"\nLoRE spectrum of the KD adapter ({spectrum['modules']} matrices): {shares}")
     print(f"LoRE at tau {taus[0]:g}: held-out perplexity {lore_row['perplexity']:.2f}, KL {lore_row['kl']:.3f}, "
           f"top-1 agreement {lore_row['top1_agreement']:.3f} (same rows as the partial adaptation)")
+    if merge is not None:
+        print(format_merging(merge, seeds[0]))
     print(f"\nwrote {os.path.join(out_dir, 'results.json')}, results.md, predictions.json and {len(plots)} plots; "
           f"{seconds['total'] / 60:.1f} min in all ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
     return results

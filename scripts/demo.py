@@ -20,6 +20,9 @@ Options beyond the training ones:
   --seeds         training seeds, e.g. 0,1,2 (default 0: one run takes about 18 minutes on a 2-core CPU); each seed trains
                   both adapters anew; the held-out documents (--split-seed) and the multiple-choice items never change
   --mc-items      at most this many multiple-choice items (default 100; the Jargon File's default split has 69)
+  --merge-steps   the KD and CPT adapters merged at fixed scales, at per-layer scales learned in this many steps
+                  on train rows (`fa-jax tune-merge`'s ScaleTuner), and both as one LoRA under one budget (default
+                  30; 0: none)
   --sweep-rows    the partial-adaptation sweep and the LoRE are scored on about this many rows of --seq-len tokens,
                   spread over the held-out rows (the table itself scores every held-out document)
   --cache-k       also train the KD adapter from a top-k teacher cache (one teacher pass written first, then a step
@@ -58,6 +61,8 @@ def main():
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (fixed across --seeds)")
     ap.add_argument("--mc-items", type=int, default=100, help="most multiple-choice items")
     ap.add_argument("--cache-k", type=int, default=64, help="top-k teacher cache row (0: none)")
+    ap.add_argument("--merge-steps", type=int, default=30,
+                    help="steps learning per-layer merge scales of the KD and CPT adapters (0: no merging study)")
     ap.add_argument("--sweep-rows", type=int, default=16,
                     help="held-out rows of --seq-len tokens for the partial-adaptation sweep and the LoRE")
     args = ap.parse_args()
@@ -73,7 +78,7 @@ def main():
         run_ablation(args.text, args.out, teacher=args.teacher, student=args.student, keep_layers=keep_layers,
                      steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, seeds=seeds,
                      split_seed=args.split_seed, mc_items=args.mc_items, sweep_rows=args.sweep_rows,
-                     cache_k=args.cache_k or None)
+                     cache_k=args.cache_k or None, merge_steps=args.merge_steps)
     except FaJaxError as e:
         sys.exit(f"demo: {e}")
 

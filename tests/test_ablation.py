@@ -94,10 +94,10 @@ def test_run_ablation_on_a_tiny_model(tmp_path):
     R = 2000
     res = ablation.run_ablation(text, str(out), teacher=str(tmp_path / "model"), steps=3, lr=1e-2, seq_len=16,
                                 batch_size=8, sweep_rows=64, min_words=5, held_out_fraction=0.1, seeds=(3,),
-                                n_resamples=R, mesh_shape=(1, 1, 1), cache_k=256)
+                                n_resamples=R, mesh_shape=(1, 1, 1), cache_k=256, merge_steps=3, merge_rows=8)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["seeds"] == json.loads(json.dumps(res["seeds"]))
-    for name in ("training_curves", "ablation", "partial_adaptation", "lore_spectrum"):
+    for name in ("training_curves", "ablation", "partial_adaptation", "lore_spectrum", "merge_scales"):
         assert os.path.getsize(out / f"{name}.png") > 1000
     assert (out / "results.md").read_text() == ablation.format_markdown(res)
     assert res["setting"]["student_layers"] == 1 and res["setting"]["keep_layers"] == "every_other"
@@ -202,6 +202,17 @@ def test_run_ablation_on_a_tiny_model(tmp_path):
     assert res["partial_adaptation_rows"]["tokens"] == seed["models"][names[0]]["tokens"]
     np.testing.assert_allclose(sweep[0]["kl"], seed["models"][names[0]]["kl"], rtol=1e-6)
     np.testing.assert_allclose(sweep[-1]["kl"], seed["models"][names[2]]["kl"], rtol=1e-4)
+
+    # merging: KD 1 + CPT 0 is the s = 1 merge; the scales are learned on train documents only, one per layer
+    merge = res["merging"]
+    kd_alone = [r for r in merge["fixed"] if (r["kd"], r["cpt"]) == (1.0, 0.0)][0]
+    np.testing.assert_allclose(kd_alone["kl"], sweep[-1]["kl"], rtol=1e-6)
+    assert [len(v) for v in merge["learned"]["scales"].values()] == [1, 1]
+    assert merge["learned"]["history"][0]["loss"] > 0 and merge["learned"]["probe_rows"] >= 8
+    assert set(ablation.tuning_documents(setup, 32)["text"]) <= set(train_docs)
+    for name in ("fixed 0.5/0.5", "learned"):
+        assert 0 < merge["as_lora"][name]["params"] <= merge["as_lora"]["budget"]
+    assert {"learned - fixed 0.5/0.5", "learned as one LoRA - learned"} <= set(merge["differences"])
 
     # LoRE spectrum: singular values of scale * A @ B per matrix, as NumPy computes them
     for path, ad in list(fa_jax.lora.iter_modules(kd))[:4]:
