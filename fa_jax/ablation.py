@@ -41,8 +41,8 @@ Then the same seed's KD and CPT adapters are recombined (`merging`, `merge_steps
 only (`tuning_documents`; the training objective, KL to the teacher + LM), and both (0.5, 0.5) and the learned scales
 as one LoRA under the parameter budget of one adapter (`treemath.combine`), with paired NLL differences over the
 held-out documents. Everything lands in `out_dir`: results.json, results.md, predictions.json, training_curves.png,
-ablation.png, partial_adaptation.png, lore_spectrum.png, merge_scales.png, and per seed the two runs' own directories (seed<N>/cpt, seed<N>/kd with
-metrics, checkpoint and the PEFT export).
+ablation.png, partial_adaptation.png, lore_spectrum.png, merge_scales.png, and per seed the two runs' own
+directories (seed<N>/cpt, seed<N>/kd with metrics, checkpoint and the PEFT export).
 
 The pieces are public so a notebook can run them one at a time: `prepare`, `train_adapter`, `reference`, `score`,
 `glossary_items`, `mc_scorer`, `score_mc`, `model_row`, `partial_adaptation`, `lore_spectrum`, the `plot_*` functions,
@@ -320,7 +320,7 @@ def merging(setup: Setup, ref, kd, cpt, *, seq_len: int = 256, batch_size: int =
     for a, b in tqdm(grid, desc="merge grid", unit="merge", leave=False):
         fixed.append({"kd": a, "cpt": b, **scored(f"fixed {a:g}/{b:g}", [(kd, a), (cpt, b)])})
     docs = tuning_documents(setup, 4 * rows)
-    probe = [b for b, _ in zip(evaluate._batches(setup.tokenizer, docs, seq_len, batch_size, True, True, "text",
+    probe = [b for b, _ in zip(evaluate.packed_batches(setup.tokenizer, docs, seq_len, batch_size, True, True, "text",
                                                  "paragraph"), range(-(-rows // batch_size)))]
     t0 = time.perf_counter()
     tuner = tune_merge.ScaleTuner(setup.student_cfg, setup.student, [kd, cpt], probe,

@@ -272,7 +272,8 @@ def _merge(args) -> None:
         report = readapt.merge_as_lora(args.base, adapters, args.out, tau=args.tau, rank=args.rank,
                                        budget=args.budget, overwrite=args.overwrite)
         ranks = sorted(report["rank_pattern"].values())
-        print(f"wrote {os.path.abspath(args.out)}: one LoRA = " + " + ".join(f"{_scale_text(s)} * {p}" for p, s in adapters)
+        print(f"wrote {os.path.abspath(args.out)}: one LoRA = "
+              + " + ".join(f"{_scale_text(s)} * {p}" for p, s in adapters)
               + f", {report['params']:,} parameters ({100 * report['params'] / report['dense_params']:.2f}% of the "
               f"{report['dense_params']:,} dense ones), ranks {ranks[0]}..{ranks[-1]} over {len(ranks)} modules")
         return

@@ -101,7 +101,7 @@ def _text(value, name):
 # ------------------------------------------------------------------------------------------------- held-out text
 
 
-def _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
+def packed_batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
     """One padded pass of packed rows over `documents` (see `perplexity`), read as process 0 of 1."""
     source = documents
     if isinstance(documents, (list, tuple)):
@@ -146,7 +146,7 @@ def perplexity(config, params, tokenizer, documents, *, adapters=None, seq_len: 
 
     step = jax.jit(step)
     nll_sum, tokens = 0.0, 0
-    for batch in _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
+    for batch in packed_batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
         s, n = jax.device_get(step(params, adapters, _device_batch(batch)))
         nll_sum, tokens = nll_sum + float(s), tokens + int(n)
     if tokens == 0:
@@ -220,7 +220,7 @@ def teacher_agreement(teacher_cfg, teacher, student_cfg, student, tokenizer, doc
     teacher_step = _teacher_fn(teacher_cfg, dtype, chunk_size)
     step = _agreement_fn(teacher_cfg, student_cfg, temperature, dtype, chunk_size)
     sums = np.zeros(4, np.float64)
-    for batch in _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
+    for batch in packed_batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split):
         b = _device_batch(batch)
         h_t, _ = teacher_step(teacher, b)
         sums += _with_tokens(step(h_t, teacher, student, adapters, b), batch).sum((0, 1))
@@ -338,7 +338,7 @@ class TeacherReference:
                 tokenizer, documents, seq_len=seq_len, batch_size=batch_size, add_bos=add_bos, add_eos=add_eos,
                 text_field=text_field, split=split)
         else:
-            batches = _batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split)
+            batches = packed_batches(tokenizer, documents, seq_len, batch_size, add_bos, add_eos, text_field, split)
         self.batches, self.hidden, self._teacher_terms = [], [], []
         rows = 0
         for batch in batches:

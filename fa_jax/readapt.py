@@ -440,7 +440,8 @@ def merge_as_lora(base_dir: str, adapters, out_dir: str, *, tau: float | None = 
     with atomic_dir(out_dir, overwrite) as tmp:
         peft.write_peft(config, lora, tmp, base_model_name_or_path=os.path.abspath(base_dir))
         write_text(os.path.join(tmp, "lore_report.json"), json.dumps(
-            {"adapters": [[p, s] for p, (_, s) in zip((p for p, _ in adapters), trees)], "tau": tau, "rank": rank, "budget": report.get("budget"),
+            {"adapters": [[p, s] for (p, _), (_, s) in zip(adapters, trees)], "tau": tau, "rank": rank,
+             "budget": report.get("budget"),
              "params": report["params"], "dense_params": report["dense_params"],
              "rank_pattern": report["rank_pattern"]}, indent=2) + "\n")
     return report

@@ -290,7 +290,7 @@ def _rows(tokenizer, path: str, what: str, seq_len: int, batch_size: int, max_ro
     if not os.path.isfile(path):
         raise FaJaxError(f"--{what} {path}: no such file")
     out, rows = [], 0
-    for batch in evaluate._batches(tokenizer, path, seq_len, batch_size, None, None, "text", "paragraph"):
+    for batch in evaluate.packed_batches(tokenizer, path, seq_len, batch_size, None, None, "text", "paragraph"):
         if max_rows is not None and rows >= max_rows:
             break
         out.append(batch)

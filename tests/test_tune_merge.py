@@ -17,7 +17,7 @@ from fa_jax import lora as lora_lib
 from fa_jax import treemath, tune_merge
 from fa_jax.cli import main
 from fa_jax.errors import FaJaxError
-from fa_jax.evaluate import _batches
+from fa_jax.evaluate import packed_batches
 from fa_jax.tree import get_path
 
 pytestmark = pytest.mark.usefixtures("contained_datasets_cache")
@@ -76,7 +76,7 @@ def test_objective_equals_transformers(setting):
     """tuner.loss at per-layer scales: KL(target || merged) and the merged model's cross-entropy equal the same
     sums over every document of the rows computed with transformers, the deltas added per layer by hand."""
     tok = fa_jax.load_tokenizer(setting["base"])
-    rows = [b for b, _ in zip(_batches(tok, setting["corpus"], 24, 4, None, None, "text", "paragraph"), range(2))]
+    rows = [b for b, _ in zip(packed_batches(tok, setting["corpus"], 24, 4, None, None, "text", "paragraph"), range(2))]
     target = fa_jax.load_model(setting["target"])
     tuner = tune_merge.ScaleTuner(setting["config"], setting["params"], setting["trees"], rows, target=target,
                                   kl_weight=1.0, lm_weight=1.0)
@@ -171,7 +171,7 @@ def test_errors(setting, capsys):
     with pytest.raises(FaJaxError, match="layer 1, but the per-layer scale has 1 layers"):
         treemath.merge(setting["params"], [(setting["trees"][0], {"layers": [0.5]})])
     tok = fa_jax.load_tokenizer(base)
-    rows = [next(iter(_batches(tok, setting["corpus"], 16, 2, None, None, "text", "paragraph")))]
+    rows = [next(iter(packed_batches(tok, setting["corpus"], 16, 2, None, None, "text", "paragraph")))]
     with pytest.raises(FaJaxError, match="kl_weight and lm_weight are both 0"):
         tune_merge.ScaleTuner(setting["config"], setting["params"], setting["trees"], rows,
                               target=fa_jax.load_model(setting["target"]), kl_weight=0.0, lm_weight=0.0)
