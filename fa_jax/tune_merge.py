@@ -351,12 +351,12 @@ def tune_merge(base_dir: str, adapters, probe: str, out_dir: str, *, target: str
         readapt.check_tokenizer_dir(tokenizer_dir)
     t0 = time.perf_counter()
     config, reader, names = readapt.open_model(base_dir, "base")
-    _, base = hf.load_hf(base_dir)
+    _, base = hf.load_hf(base_dir, dtype=dtype or "float32")  # bfloat16 compute: bfloat16 weights too
     trees = [readapt.adapter_tree(p, config, base_dir, base, reader, names) for p, _ in adapters]
     tokenizer = load_tokenizer(base_dir)
     probe_rows = _rows(tokenizer, probe, "probe", seq_len, batch_size, max_rows)
     domain_rows = _rows(tokenizer, domain, "domain", seq_len, batch_size, max_rows) if domain else None
-    tgt = load_model(target) if target else None
+    tgt = load_model(target, dtype=dtype or "float32") if target else None
     if target is None and lm_weight == 0:
         raise FaJaxError("tune-merge: no --target (the KL term) and --lm-weight 0: nothing to minimize")
     tuner = ScaleTuner(config, base, trees, probe_rows, target=tgt, domain_batches=domain_rows, kl_weight=kl_weight,
