@@ -146,7 +146,7 @@ class ScaleTuner:
                              "per-layer scale to learn")
         self.probe = [self._device(b, "probe") for b in probe_batches]
         self.domain = [self._device(b, "domain") for b in domain_batches] if domain_batches else None
-        self.target_cfg = None
+        self.target_cfg, self.target_head, self.target_head_vd = None, None, False
         if self.kl_weight:
             tcfg, tparams = target
             if tcfg.vocab_size != config.vocab_size:
@@ -155,7 +155,7 @@ class ScaleTuner:
             hidden = jax.jit(lambda p, b: transformer.hidden_states(
                 tcfg, p, b["tokens"], segment_ids=b["segment_ids"], positions=b["positions"], dtype=dtype))
             self.target_hidden = [hidden(tparams, b) for b in self.probe]
-            self.target_head = transformer.lm_head(tcfg, tparams)
+            self.target_head, self.target_head_vd = transformer.lm_head(tcfg, tparams)
             self.target_cfg = tcfg
         self._value = jax.jit(self._objective)
         self._grad = jax.jit(jax.value_and_grad(self._objective, has_aux=True))
@@ -172,8 +172,8 @@ class ScaleTuner:
 
     # -------------------------------------------------------------------------------------------- the objective
 
-    def _merged(self, scales, arrays):
-        """(params, adapters) of the base merged at scales [A, L + 1] (the last column: outside the layers)."""
+    def _merged(self, scales, arrays, base):
+        """(params, adapters) of `base` merged at scales [A, L + 1] (the last column: outside the layers)."""
         factors, dense = arrays
         adapters = {}
         for p, items in factors.items():
@@ -181,9 +181,9 @@ class ScaleTuner:
             a = jnp.concatenate([scales[i, g] * A for (i, g), (A, _) in zip(owners, items)], axis=1)
             b = jnp.concatenate([B for _, B in items], axis=0)
             adapters = set_path(adapters, p, {"lora_A": a, "lora_B": b, "scale": jnp.ones((), jnp.float32)})
-        params = self.base
+        params = base
         for p, items in dense.items():
-            w = get_path(self.base, p)
+            w = get_path(base, p)
             d = sum(scales[i, g] * x for (i, g), x in zip(self._dense_owner[p], items))
             params = set_path(params, p, (w.astype(jnp.float32) + d).astype(w.dtype))
         return params, adapters
@@ -192,15 +192,16 @@ class ScaleTuner:
         return transformer.hidden_states(self.config, params, b["tokens"], adapters, segment_ids=b["segment_ids"],
                                          positions=b["positions"], dtype=self.dtype, remat=self.remat)
 
-    def _objective(self, layer_scales, arrays, probe, target_hidden, domain):
-        """(weighted loss, {"kl", "lm", "tokens"}) of one probe batch (and domain batch)."""
+    def _objective(self, layer_scales, arrays, base, target_head, probe, target_hidden, domain):
+        """(weighted loss, {"kl", "lm"}) of one probe batch (and domain batch). Every array is an argument: a
+        model closed over would be folded into the program as constants."""
         scales = jnp.concatenate([layer_scales, jnp.asarray(self.init)[:, None]], axis=1)
-        params, adapters = self._merged(scales, arrays)
+        params, adapters = self._merged(scales, arrays, base)
         head, vd = transformer.lm_head(self.config, params)
         kw = dict(temperature=self.temperature, chunk_size=self.chunk_size, student_head_vd=vd)
         total, kl, lm = 0.0, jnp.float32(0.0), jnp.float32(0.0)
         if self.kl_weight:
-            t_head, t_vd = self.target_head
+            t_head, t_vd = target_head, self.target_head_vd
             both = self.lm_weight and domain is None  # one forward serves both terms
             w = self.kl_weight + (self.lm_weight if both else 0.0)
             loss, m = losses.chunked_distill_loss(
@@ -216,9 +217,10 @@ class ScaleTuner:
         return total, {"kl": kl, "lm": lm}
 
     def _inputs(self, i):
+        """The arguments of `_objective` after the scales for step (or batch) i."""
         th = self.target_hidden[i % len(self.probe)] if self.kl_weight else None
         dom = self.domain[i % len(self.domain)] if self.domain else None
-        return self.probe[i % len(self.probe)], th, dom
+        return self._arrays, self.base, self.target_head, self.probe[i % len(self.probe)], th, dom
 
     def loss(self, layer_scales) -> dict:
         """The objective over every probe (and domain) row at `layer_scales` [A, L]: {"loss", "kl", "lm"}, each
@@ -227,9 +229,9 @@ class ScaleTuner:
         n = max(len(self.probe), len(self.domain or ()))
         acc, weight = np.zeros(3), 0.0
         for i in range(n):
-            probe, th, dom = self._inputs(i)
-            loss, m = self._value(s, self._arrays, probe, th, dom)
-            w = float(jnp.sum(probe["mask"]))
+            args = self._inputs(i)
+            loss, m = self._value(s, *args)
+            w = float(jnp.sum(args[3]["mask"]))
             acc += w * np.array([float(loss), float(m["kl"]), float(m["lm"])])
             weight += w
         loss, kl, lm = acc / max(weight, 1.0)
@@ -259,8 +261,8 @@ class ScaleTuner:
         state = opt.init(s)
 
         @jax.jit
-        def update(s, state, arrays, probe, th, dom):
-            (loss, m), g = self._grad(s, arrays, probe, th, dom)
+        def update(s, state, *args):
+            (loss, m), g = self._grad(s, *args)
             g = jnp.where(used, g, 0.0)  # scales of layers an adapter does not touch stay where they are
             u, state = opt.update(g, state, s)
             return optax.apply_updates(s, u), state, loss, m
@@ -268,7 +270,7 @@ class ScaleTuner:
         history, t0 = [], time.perf_counter()
         bar = tqdm(range(steps), desc="tune-merge", unit="step", disable=not progress or None, leave=False)
         for step in bar:
-            s, state, loss, m = update(s, state, self._arrays, *self._inputs(step))
+            s, state, loss, m = update(s, state, *self._inputs(step))
             row = {"step": step + 1, "loss": float(loss), "kl": float(m["kl"]) if self.kl_weight else None,
                    "lm": float(m["lm"]) if self.lm_weight else None}
             history.append(row)

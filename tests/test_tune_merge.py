@@ -82,6 +82,10 @@ def test_objective_equals_transformers(setting):
                                   kl_weight=1.0, lm_weight=1.0)
     scales = np.array([[0.1, 0.9], [-0.4, 0.6]], np.float32)
     got = tuner.loss(scales)
+    # the models are arguments of the compiled objective, not constants folded into it (the base alone would
+    # add about 1 MB of text)
+    n_params = sum(x.size for x in jax.tree.leaves(setting["params"]))
+    assert len(tuner._value.lower(scales, *tuner._inputs(0)).as_text()) < n_params
     student = _torch_model(setting["base"], setting["trees"], scales)
     import transformers
 
