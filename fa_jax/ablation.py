@@ -333,7 +333,8 @@ def merging(setup: Setup, ref, kd, cpt, *, seq_len: int = 256, batch_size: int =
     learned_scales = tuner.scale_dicts(fit["scales"])
     del tuner
     learned = {"scales": {"kd": learned_scales[0]["layers"], "cpt": learned_scales[1]["layers"]},
-               "objective_before": before, "objective_after": after, "history": fit["history"], "steps": steps,
+               "objective_before": before, "objective_after": after, "history": fit["history"],
+               "batches_per_pass": fit["batches_per_pass"], "steps": steps,
                "lr": lr, "probe_rows": sum(int(b["tokens"].shape[0]) for b in probe), "probe_documents": len(docs),
                "seconds": round(seconds, 1), **scored("learned", [(kd, learned_scales[0]), (cpt, learned_scales[1])])}
     if budget is None:
@@ -384,7 +385,8 @@ def plot_merge_scales(merge: dict, path: str) -> str:
     learned = merge["learned"]
     result = {"adapters": [{"name": f"{k.upper()} adapter", "init": 0.5, "layers": v}
                            for k, v in learned["scales"].items()],
-              "history": learned["history"], "before": learned["objective_before"],
+              "history": learned["history"], "batches_per_pass": learned.get("batches_per_pass"),
+              "before": learned["objective_before"],
               "after": learned["objective_after"]}
     return tune_merge.plot_scales(result, path)
 

@@ -275,7 +275,8 @@ class ScaleTuner:
                    "lm": float(m["lm"]) if self.lm_weight else None}
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
-        return {"scales": np.asarray(s), "history": history, "seconds": time.perf_counter() - t0}
+        return {"scales": np.asarray(s), "history": history, "seconds": time.perf_counter() - t0,
+                "batches_per_pass": max(len(self.probe), len(self.domain or ()))}
 
     def scale_dicts(self, layer_scales) -> list[dict]:
         """Per adapter {"layers": [...], "other": init}: the scales `treemath.merge`, `treemath.combine` and
@@ -319,9 +320,17 @@ def plot_scales(result: dict, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     hist = result["history"]
-    bx.plot([h["step"] for h in hist], [h["loss"] for h in hist])
+    steps, loss = [h["step"] for h in hist], np.asarray([h["loss"] for h in hist])
+    k = int(result.get("batches_per_pass") or 1)  # each step sees its own batch: average over one pass of them
+    if 1 < k <= len(loss):
+        bx.plot(steps, loss, color="0.75", lw=0.8, label="its batch")
+        bx.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=2,
+                label=f"mean of the last {k} (one pass over the rows)")
+        bx.legend(fontsize=8)
+    else:
+        bx.plot(steps, loss)
     bx.set_xlabel("step")
-    bx.set_ylabel("objective (its batch)")
+    bx.set_ylabel("objective")
     bx.set_title(f"before {result['before']['loss']:.4f}, after {result['after']['loss']:.4f} (every row)",
                  fontsize=10)
     bx.grid(alpha=0.3)
@@ -379,7 +388,7 @@ def tune_merge(base_dir: str, adapters, probe: str, out_dir: str, *, target: str
         "steps": steps, "lr": lr, "seq_len": seq_len, "batch_size": batch_size,
         "rows": {"probe": sum(int(b["tokens"].shape[0]) for b in probe_rows),
                  "domain": sum(int(b["tokens"].shape[0]) for b in domain_rows) if domain_rows else 0},
-        "before": before, "after": after, "history": fit["history"],
+        "before": before, "after": after, "history": fit["history"], "batches_per_pass": fit["batches_per_pass"],
         "seconds": {"tune": round(fit["seconds"], 1)},
     }
     del tuner, base
