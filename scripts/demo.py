@@ -17,7 +17,7 @@ Options beyond the training ones:
   --keep-layers   the student's layers: every_other (default), none (all of them: with --student, a smaller intact
                   model; alone, the teacher itself) or indices such as 0,1,2,3 (the first 4: a milder pruning)
   --student       the student model (default: the teacher's weights, pruned by --keep-layers); same tokenizer
-  --seeds         training seeds, e.g. 0,1,2 (default 0: one run takes about 18 minutes on a 2-core CPU); each seed trains
+  --seeds         training seeds, e.g. 0,1,2 (default 0: one run takes about 23 minutes on a 2-core CPU); each seed trains
                   both adapters anew; the held-out documents (--split-seed) and the multiple-choice items never change
   --mc-items      at most this many multiple-choice items (default 100; the Jargon File's default split has 69)
   --merge-steps   the KD and CPT adapters merged at fixed scales, at per-layer scales learned in this many steps
