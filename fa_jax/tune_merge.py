@@ -356,6 +356,8 @@ def tune_merge(base_dir: str, adapters, probe: str, out_dir: str, *, target: str
         raise FaJaxError("--as-lora: give exactly one of --tau, --rank or --budget")
     if not as_lora and any(v is not None for v in (tau, rank, budget)):
         raise FaJaxError("--tau, --rank and --budget apply with --as-lora")
+    if target is None and lm_weight == 0:  # before anything is loaded
+        raise FaJaxError("tune-merge: no --target (the KL term) and --lm-weight 0: nothing to minimize")
     if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
         raise FaJaxError(f"--max-rows {max_rows!r}: expected an integer >= 1")
     if tokenizer_dir is not None:
@@ -368,8 +370,6 @@ def tune_merge(base_dir: str, adapters, probe: str, out_dir: str, *, target: str
     probe_rows = _rows(tokenizer, probe, "probe", seq_len, batch_size, max_rows)
     domain_rows = _rows(tokenizer, domain, "domain", seq_len, batch_size, max_rows) if domain else None
     tgt = load_model(target, dtype=dtype or "float32") if target else None
-    if target is None and lm_weight == 0:
-        raise FaJaxError("tune-merge: no --target (the KL term) and --lm-weight 0: nothing to minimize")
     tuner = ScaleTuner(config, base, trees, probe_rows, target=tgt, domain_batches=domain_rows, kl_weight=kl_weight,
                        lm_weight=lm_weight, init=[s for _, s in adapters], temperature=temperature, dtype=dtype)
     del tgt
