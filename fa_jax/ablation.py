@@ -251,14 +251,21 @@ def partial_adaptation(setup: Setup, ref, adapters, scales=SCALES) -> list[dict]
     """Score W = W_student + s * (adapter's delta) for each s, merged into dense weights by `treemath.merge`."""
     # A zero adapter adds nothing; with it and the student's own shardings the step compiled for scoring the
     # adapters serves the merged weights too.
-    zero = jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding), adapters)
-    out = []
-    for s in tqdm(scales, desc="partial adaptation", unit="scale", leave=False):
-        merged = jax.tree.map(lambda m, w: jax.device_put(m, w.sharding),
-                              treemath.merge(setup.student, [(adapters, float(s))]), setup.student)
-        out.append({"scale": float(s), **_plain(score(setup, ref, adapters=zero, params=merged))})
-        del merged
-    return out
+    zero = _zero_like(adapters)
+    return [{"scale": float(s), **_plain(_score_merged(setup, ref, zero, [(adapters, float(s))]))}
+            for s in tqdm(scales, desc="partial adaptation", unit="scale", leave=False)]
+
+
+def _zero_like(adapters):
+    return jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding), adapters)
+
+
+def _score_merged(setup: Setup, ref, zero, adapters) -> dict:
+    """`score` of the student with `adapters` ([(tree, scale), ...]) merged into its weights (`treemath.merge`),
+    placed like the student's, through the all-zero adapter `zero` (the compiled step of the adapters' shapes)."""
+    merged = jax.tree.map(lambda m, w: jax.device_put(m, w.sharding), treemath.merge(setup.student, adapters),
+                          setup.student)
+    return score(setup, ref, adapters=zero, params=merged)
 
 
 def lore_spectrum(adapters, taus=TAUS) -> tuple[dict, dict]:
@@ -306,13 +313,11 @@ def merging(setup: Setup, ref, kd, cpt, *, seq_len: int = 256, batch_size: int =
     Returns {"fixed": [...], "learned": {...}, "as_lora": {...}, "differences": paired NLL differences over
     documents, "per_document": {name: sums}}."""
     boot = bootstrap_kw or {}
-    zero = jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding), kd)
+    zero = _zero_like(kd)
     per_doc = {}
 
     def scored(name, adapters):
-        merged = jax.tree.map(lambda m, w: jax.device_put(m, w.sharding),
-                              treemath.merge(setup.student, adapters), setup.student)
-        row = score(setup, ref, adapters=zero, params=merged)
+        row = _score_merged(setup, ref, zero, adapters)
         per_doc[name] = row.pop("per_document", None)
         return row
 

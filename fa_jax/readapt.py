@@ -323,11 +323,11 @@ def _non_matrix_of(path: str, config, base_names, reader) -> dict:
     return out
 
 
-def adapter_tree(path: str, config, base_dir: str, base, reader, names):
+def adapter_tree(path: str, config, base_dir: str, reader, names):
     """One adapter for `merge` as an in-memory tree at the base's parameter paths (what `treemath.merge` takes):
     a PEFT directory's LoRA / DoRA modules plus its non-matrix tensors as dense deltas (modules_to_save: saved -
-    base; a LoRE's side file as it is), a fa_jax run's adapter, or a dense RE-Adapter's tensors. base: the base
-    params; reader and names: `open_model(base_dir)`'s. A dense RE-Adapter is read whole (model-sized)."""
+    base; a LoRE's side file as it is), a fa_jax run's adapter, or a dense RE-Adapter's tensors. reader and
+    names: `open_model(base_dir)`'s. A dense RE-Adapter is read whole (model-sized)."""
     kind, a = load_adapter(path, config, base_dir)
     by_name = {n: p for p, n in names.items()}
     flat = {}

@@ -365,7 +365,7 @@ def tune_merge(base_dir: str, adapters, probe: str, out_dir: str, *, target: str
     t0 = time.perf_counter()
     config, reader, names = readapt.open_model(base_dir, "base")
     _, base = hf.load_hf(base_dir, dtype=dtype or "float32")  # bfloat16 compute: bfloat16 weights too
-    trees = [readapt.adapter_tree(p, config, base_dir, base, reader, names) for p, _ in adapters]
+    trees = [readapt.adapter_tree(p, config, base_dir, reader, names) for p, _ in adapters]
     tokenizer = load_tokenizer(base_dir)
     probe_rows = _rows(tokenizer, probe, "probe", seq_len, batch_size, max_rows)
     domain_rows = _rows(tokenizer, domain, "domain", seq_len, batch_size, max_rows) if domain else None
